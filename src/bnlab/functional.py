@@ -75,9 +75,7 @@ def check_batch_norm_args(
             f"of shape {tuple(input.shape)}"
         )
     if input.dtype not in _FLOAT_DTYPES:
-        raise TypeError(
-            f"input: expected float16, bfloat16, float32 or float64, got {input.dtype}"
-        )
+        raise TypeError(f"input: expected float16, bfloat16, float32 or float64, got {input.dtype}")
     for name, t in (
         ("running_mean", running_mean),
         ("running_var", running_var),

@@ -8,6 +8,8 @@ batch statistic, and ``momentum=None`` means a cumulative average over
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor, nn
 
@@ -18,7 +20,13 @@ class _NormBase(nn.Module):
     """Parameters, buffers, resets and checkpoint compatibility shared by bnlab's norms."""
 
     _version = 2
-    __constants__ = ["track_running_stats", "momentum", "eps", "num_features", "affine"]
+    __constants__: ClassVar[list[str]] = [
+        "track_running_stats",
+        "momentum",
+        "eps",
+        "num_features",
+        "affine",
+    ]
     _expected_dims: tuple[int, ...] = ()
 
     def __init__(
