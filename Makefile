@@ -13,6 +13,7 @@ $(STAMP): pyproject.toml
 
 run: $(STAMP)
 	$(BIN)/bnlab check
+	$(BIN)/bnlab run
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests

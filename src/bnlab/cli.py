@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -34,3 +36,83 @@ def check(seed: int = typer.Option(0, help="Seed of the random inputs.")) -> Non
         console.print(f"[red]{len(failed)} check(s) exceeded their tolerance[/red]")
         raise typer.Exit(1)
     console.print(f"all {len(rows)} checks within tolerance")
+
+
+@app.command("list")
+def list_experiments() -> None:
+    """List the registered experiments and the claims they test."""
+    from bnlab.lab.experiments import REGISTRY
+
+    table = Table(title="bnlab experiments")
+    for column in ("name", "claim", "full mode"):
+        table.add_column(column)
+    for name, experiment in sorted(REGISTRY.items()):
+        table.add_row(name, experiment.claim, experiment.full_runtime)
+    console.print(table)
+
+
+@app.command()
+def run(
+    names: list[str] = typer.Argument(None, help="Experiments to run (default: all, quick)."),
+    full: bool = typer.Option(False, "--full", help="Full mode (see `bnlab list` for runtimes)."),
+    seed: int = typer.Option(0, help="Base seed; multi-seed runs use seed, seed+1, ..."),
+    data: str = typer.Option(None, help="Dataset: digits, mnist1d, spirals, mnist, cifar10."),
+    data_dir: str = typer.Option(None, help="Directory with the real MNIST/CIFAR-10 files."),
+    impl: str = typer.Option("bnlab", help="BatchNorm implementation: bnlab or torch."),
+    out: str = typer.Option("runs", help="Root directory of the runs and the report."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+) -> None:
+    """Run experiments into OUT/<experiment>/<timestamp>/ and write OUT/report.html."""
+    from bnlab.lab.experiments import REGISTRY
+    from bnlab.lab.report import build_report
+    from bnlab.lab.runner import latest_runs, run_experiment
+
+    selected = names or sorted(REGISTRY)
+    unknown = [n for n in selected if n not in REGISTRY]
+    if unknown:
+        raise typer.BadParameter(f"unknown experiment(s) {unknown}; known: {sorted(REGISTRY)}")
+    overrides = {"seed": seed, "impl": impl}
+    if data is not None:
+        overrides["data"] = data
+    if data_dir is not None:
+        overrides["data_dir"] = data_dir
+    try:
+        for name in selected:
+            run_experiment(name, quick=not full, root=out, progress=progress, echo=console.print, **overrides)  # fmt: skip
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted: finished runs are kept[/yellow]")
+        _write_report(build_report, latest_runs(out), out)
+        raise typer.Exit(130) from None
+    except (ValueError, FileNotFoundError) as error:
+        console.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(2) from None
+    _write_report(build_report, latest_runs(out), out)
+
+
+def _write_report(build_report, run_dirs, out: str) -> None:
+    if not run_dirs:
+        console.print("no finished runs; no report written")
+        return
+    path = build_report(run_dirs, Path(out) / "report.html")
+    console.print(f"report: {path.resolve()}")
+
+
+@app.command()
+def report(
+    run_dirs: list[Path] = typer.Argument(None, help="Run directories (default: newest of each)."),
+    out: str = typer.Option("runs", help="Root of the runs, and where report.html goes."),
+    output: Path = typer.Option(
+        None, "-o", "--output", help="Report path (default OUT/report.html)."
+    ),
+) -> None:
+    """Rebuild the HTML report from saved metrics, without retraining."""
+    from bnlab.lab.report import build_report
+    from bnlab.lab.runner import latest_runs
+
+    dirs = run_dirs or latest_runs(out)
+    try:
+        path = build_report(dirs, output or Path(out) / "report.html")
+    except (ValueError, FileNotFoundError) as error:
+        console.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(2) from None
+    console.print(f"report: {path.resolve()}")

@@ -1,0 +1,1 @@
+"""The lab: data, models, one training loop, experiments and their report."""

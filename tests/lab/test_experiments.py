@@ -1,0 +1,197 @@
+"""Each experiment in a tiny configuration; verdict logic; runner files; report; CLI."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from bnlab.cli import app
+from bnlab.lab.experiments import REGISTRY, convergence, init_sweep, mnist_cnn
+from bnlab.lab.report import build_report
+from bnlab.lab.runner import latest_runs, load_run, run_experiment
+
+TINY = {
+    "convergence": {
+        "data": "spirals",
+        "hidden": (8, 8, 8),
+        "steps": 40,
+        "eval_every": 10,
+        "num_seeds": 1,
+        "probe_examples": 50,
+    },
+    "init-sweep": {
+        "data": "spirals",
+        "hidden": (8, 8, 8, 8, 8),
+        "num_scales": 3,
+        "steps": 20,
+        "num_seeds": 2,
+        "max_train": 200,
+    },
+    "mnist-cnn": {"channels": (4,), "hidden": 8, "epochs": 2, "num_seeds": 1, "max_train": 200},
+}
+
+
+def test_every_registered_experiment_has_a_tiny_config():
+    assert set(TINY) == set(REGISTRY)
+    for experiment in REGISTRY.values():
+        assert experiment.claim and experiment.full_runtime
+        assert experiment.make_config(quick=True) != experiment.make_config(quick=False)
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_experiment_runs_and_writes_everything(tmp_path, name):
+    run_dir = run_experiment(name, root=tmp_path, progress=False, echo=None, **TINY[name])
+    for file in ("config.json", "metrics.json", "log.txt"):
+        assert (run_dir / file).is_file()
+    assert list(run_dir.glob("*.png")), "plots are drawn"
+    assert not list(run_dir.glob(".*.tmp")), "no temporary files left"
+    config, saved = load_run(run_dir)
+    assert config["experiment"] == name and config["mode"] == "quick"
+    assert saved["verdict"]["summary"] and saved["verdict"]["supported"] in (True, False, None)
+    assert "verdict:" in (run_dir / "log.txt").read_text()
+    metrics = saved["metrics"]
+    assert set(metrics["arms"]) == {"baseline", "bn"}
+    if name == "convergence":
+        run = metrics["arms"]["bn"][0]
+        assert run["eval_steps"] == [10, 20, 30, 40]
+        assert np.array(run["unit0_percentiles"]).shape == (4, 3)
+    if name == "init-sweep":
+        assert len(metrics["scales"]) == 3
+        assert np.array(metrics["arms"]["bn"]["train_acc"]).shape == (2, 3)
+    if name == "mnist-cnn":
+        assert len(metrics["arms"]["bn"][0]["val_loss"]) == 2
+
+
+def test_same_command_twice_gives_same_numbers(tmp_path):
+    a = run_experiment(
+        "convergence", root=tmp_path / "a", progress=False, echo=None, **TINY["convergence"]
+    )
+    b = run_experiment(
+        "convergence", root=tmp_path / "b", progress=False, echo=None, **TINY["convergence"]
+    )
+    assert (
+        json.loads((a / "metrics.json").read_text())["metrics"]
+        == json.loads((b / "metrics.json").read_text())["metrics"]
+    )
+
+
+def _convergence_metrics(base_acc, bn_acc, base_drift, bn_drift):
+    steps = list(range(10, 10 * len(base_acc) + 1, 10))
+    run = lambda acc, drift: {"eval_steps": steps, "val_acc": acc, "drift": drift}  # noqa: E731
+    return {"arms": {"baseline": [run(base_acc, base_drift)], "bn": [run(bn_acc, bn_drift)]}}
+
+
+def test_convergence_verdict():
+    faster = _convergence_metrics(
+        [0.2, 0.4, 0.6, 0.7, 0.7, 0.7], [0.6, 0.8, 0.9, 0.9, 0.9, 0.9], 5.0, 1.0
+    )
+    verdict = convergence.verdict(faster)
+    assert verdict.supported and "in 2.0× fewer steps" in verdict.summary
+    drifting = _convergence_metrics(
+        [0.2, 0.4, 0.6, 0.7, 0.7, 0.7], [0.6, 0.8, 0.9, 0.9, 0.9, 0.9], 1.0, 5.0
+    )
+    assert convergence.verdict(drifting).supported is False
+    slower = _convergence_metrics([0.7] * 6, [0.1, 0.2, 0.3, 0.5, 0.7, 0.7], 5.0, 1.0)
+    verdict = convergence.verdict(slower)
+    assert verdict.supported is False and "not faster" in verdict.summary
+
+
+def test_init_sweep_verdict():
+    scales = [1e-4, 1e-3, 1e-2, 1e-1, 1.0]
+    wide = {
+        "scales": scales,
+        "arms": {
+            "baseline": {"train_acc": [[0.1, 0.1, 0.1, 0.9, 0.8]]},
+            "bn": {"train_acc": [[0.9] * 5]},
+        },
+    }
+    verdict = init_sweep.verdict(wide)
+    assert verdict.supported and "BN 5 (1e-04–1e+00), baseline 2 (1e-01–1e+00)" in verdict.summary
+    narrow = {
+        "scales": scales,
+        "arms": {
+            "baseline": {"train_acc": [[0.1, 0.9, 0.9, 0.9, 0.8]]},
+            "bn": {"train_acc": [[0.9] * 5]},
+        },
+    }
+    assert init_sweep.verdict(narrow).supported is False
+
+
+def test_mnist_cnn_verdict():
+    run = lambda loss, acc: {"epochs": [1, 2, 3, 4], "val_loss": loss, "test_acc": acc}  # noqa: E731
+    metrics = {
+        "arms": {
+            "baseline": [run([1.0, 0.5, 0.3, 0.2], 0.95)],
+            "bn": [run([0.3, 0.2, 0.1, 0.1], 0.97)],
+        }
+    }
+    verdict = mnist_cnn.verdict(metrics)
+    assert verdict.supported and "2.0× fewer epochs" in verdict.summary
+    metrics["arms"]["bn"][0]["test_acc"] = 0.90
+    assert mnist_cnn.verdict(metrics).supported is False
+
+
+def test_interrupt_keeps_config_and_log_but_writes_no_metrics(tmp_path, monkeypatch):
+    def interrupted(config, ctx):
+        ctx.log("working")
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(
+        REGISTRY, "convergence", dataclasses.replace(REGISTRY["convergence"], run=interrupted)
+    )
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment("convergence", root=tmp_path, progress=False, echo=None)
+    (run_dir,) = (tmp_path / "convergence").iterdir()
+    assert (run_dir / "config.json").is_file() and not (run_dir / "metrics.json").exists()
+    assert "interrupted" in (run_dir / "log.txt").read_text()
+    assert latest_runs(tmp_path) == []
+
+
+def test_report_rebuilds_from_metrics_without_retraining(tmp_path):
+    run_dir = run_experiment(
+        "init-sweep", root=tmp_path, progress=False, echo=None, **TINY["init-sweep"]
+    )
+    for png in run_dir.glob("*.png"):
+        png.unlink()
+    report = build_report([run_dir], tmp_path / "report.html")
+    page = report.read_text()
+    assert "data:image/png;base64," in page and "init-sweep" in page
+    assert any(label in page for label in ("supported", "inconclusive"))
+    assert list(run_dir.glob("*.png")), "plots redrawn from saved metrics"
+    with pytest.raises(ValueError, match="expected at least one run directory"):
+        build_report([], tmp_path / "r.html")
+    with pytest.raises(FileNotFoundError, match="not a bnlab run directory"):
+        build_report([tmp_path], tmp_path / "r.html")
+
+
+def test_cli_list_run_and_report(tmp_path):
+    runner = CliRunner()
+    listing = runner.invoke(app, ["list"])
+    assert listing.exit_code == 0 and "init-sweep" in listing.output
+    result = runner.invoke(
+        app, ["run", "mnist-cnn", "--out", str(tmp_path), "--no-progress", "--data", "digits"]
+    )
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "report.html").is_file() and "verdict:" in result.output
+    rebuilt = runner.invoke(
+        app, ["report", "--out", str(tmp_path), "-o", str(tmp_path / "again.html")]
+    )
+    assert rebuilt.exit_code == 0 and (tmp_path / "again.html").is_file()
+    bad = runner.invoke(app, ["run", "nope", "--out", str(tmp_path)])
+    assert bad.exit_code != 0 and "unknown experiment" in bad.output
+    missing = runner.invoke(
+        app,
+        [
+            "run",
+            "mnist-cnn",
+            "--out",
+            str(tmp_path),
+            "--data",
+            "mnist",
+            "--data-dir",
+            str(tmp_path / "none"),
+        ],
+    )
+    assert missing.exit_code == 2 and "data_dir is not a directory" in missing.output

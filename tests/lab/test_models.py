@@ -1,0 +1,83 @@
+"""Model builders: the norm switch, bias rule, placement, initializers, bad arguments."""
+
+import pytest
+import torch
+from torch import nn
+
+from bnlab import nn as bnn
+from bnlab.lab.models import cnn, init_weights, mlp
+
+
+def test_mlp_with_bn_uses_bnlab_layers_and_no_bias_before_bn():
+    model = mlp(10, (8, 8), 3, norm="bn", activation="sigmoid")
+    linears = [m for m in model if isinstance(m, nn.Linear)]
+    assert [m.bias is None for m in linears] == [True, True, False]
+    assert sum(isinstance(m, bnn.BatchNorm1d) for m in model) == 2
+    kinds = [type(m).__name__ for m in model]
+    assert kinds[1:4] == ["Linear", "BatchNorm1d", "Sigmoid"]
+    assert model(torch.randn(5, 10)).shape == (5, 3)
+
+
+def test_torch_impl_and_placement_after_activation_with_dropout():
+    model = mlp(4, (6,), 2, norm="bn", placement="after", dropout=0.3, impl="torch")
+    kinds = [type(m) for m in model]
+    assert kinds[1:5] == [nn.Linear, nn.ReLU, nn.BatchNorm1d, nn.Dropout]
+    assert model[1].bias is not None, "BN does not follow the Linear directly: keep its bias"
+
+
+@pytest.mark.parametrize(
+    ("shape", "bn_cls"),
+    [((1, 8, 8), bnn.BatchNorm2d), ((1, 40), bnn.BatchNorm1d), ((3, 32, 32), bnn.BatchNorm2d)],
+)
+def test_cnn_shapes(shape, bn_cls):
+    model = cnn(shape, 10, channels=(4, 8), hidden=16, norm="bn", dropout=0.1)
+    assert any(isinstance(m, bn_cls) for m in model)
+    assert model(torch.randn(3, *shape)).shape == (3, 10)
+    convs = [m for m in model if isinstance(m, (nn.Conv1d, nn.Conv2d))]
+    assert all(c.bias is None for c in convs)
+
+
+@pytest.mark.parametrize(
+    ("init", "std"),
+    [
+        ("normal", 0.01),
+        ("he_normal", (2 / 400) ** 0.5),
+        ("he_uniform", (2 / 400) ** 0.5),
+        ("glorot_normal", (2 / 600) ** 0.5),
+        ("glorot_uniform", (2 / 600) ** 0.5),
+    ],
+)
+def test_initializers_give_their_standard_deviation(init, std):
+    torch.manual_seed(0)
+    layer = nn.Sequential(nn.Linear(400, 200))
+    init_weights(layer, init, scale=0.01 if init == "normal" else 1.0)
+    assert layer[0].weight.std().item() == pytest.approx(std, rel=0.03)
+    assert torch.count_nonzero(layer[0].bias) == 0
+
+
+def test_zeros_init():
+    model = mlp(4, (3,), 2, init="zeros")
+    assert all(torch.count_nonzero(m.weight) == 0 for m in model if isinstance(m, nn.Linear))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"norm": "gn"}, r"norm: expected one of \('none', 'bn'\), got 'gn'"),
+        ({"activation": "swish"}, "activation: expected one of"),
+        ({"placement": "middle"}, "placement: expected one of"),
+        ({"init": "orthogonal"}, "init: expected one of"),
+        ({"dropout": 1.0}, r"dropout: expected a probability in \[0, 1\)"),
+        ({"impl": "jax", "norm": "bn"}, "impl: expected one of"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        mlp(4, (3,), 2, **kwargs)
+
+
+def test_cnn_rejects_flat_input():
+    with pytest.raises(
+        ValueError, match=r"input_shape: expected \(C, L\) or \(C, H, W\), got \(2,\)"
+    ):
+        cnn((2,), 3)
