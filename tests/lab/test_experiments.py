@@ -112,7 +112,7 @@ def test_init_sweep_verdict():
     narrow = {
         "scales": scales,
         "arms": {
-            "baseline": {"train_acc": [[0.1, 0.9, 0.9, 0.9, 0.8]]},
+            "baseline": {"train_acc": [[0.9, 0.9, 0.9, 0.9, 0.8]]},
             "bn": {"train_acc": [[0.9] * 5]},
         },
     }
