@@ -9,3 +9,10 @@ def scaled_error(got: torch.Tensor, want: torch.Tensor) -> float:
     if want.numel() == 0:
         return 0.0
     return float((got - want).abs().max() / max(1.0, float(want.abs().max())))
+
+
+def use_path(monkeypatch, path: str) -> None:
+    """Run bnlab.functional on its fused kernels ("fused") or its level-2 torch path ("torch")."""
+    from bnlab import kernels
+
+    monkeypatch.setattr(kernels, "_ENABLED", path == "fused")

@@ -10,7 +10,14 @@ from hypothesis import strategies as st
 
 from bnlab.functional import batch_norm
 from bnlab.reference import spatial_batchnorm_backward, spatial_batchnorm_forward
-from helpers import scaled_error
+from helpers import scaled_error, use_path
+
+
+@pytest.fixture(autouse=True, params=["fused", "torch"])
+def path(request, monkeypatch):
+    """Every test runs on both implementations behind bnlab.functional."""
+    use_path(monkeypatch, request.param)
+    return request.param
 
 
 def _args(shape=(6, 3, 4, 5), dtype=torch.float64, seed=0):
@@ -41,10 +48,13 @@ def test_gradgradcheck_without_affine():
     assert torch.autograd.gradgradcheck(lambda v: batch_norm(v, None, None, training=True), (x,))
 
 
-def test_backward_is_analytic_not_elementary_autograd():
+def test_backward_is_analytic_not_elementary_autograd(path):
     x, w, b = (t.requires_grad_() for t in _args())
     out = batch_norm(x, None, None, w, b, training=True)
-    assert type(out.grad_fn).__name__ == "_BatchNormFunctionBackward"
+    expected = (
+        "_FusedBatchNormFunctionBackward" if path == "fused" else "_BatchNormFunctionBackward"
+    )
+    assert type(out.grad_fn).__name__ == expected
 
 
 def test_matches_numpy_reference():

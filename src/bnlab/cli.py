@@ -116,3 +116,26 @@ def report(
         console.print(f"[red]error:[/red] {error}")
         raise typer.Exit(2) from None
     console.print(f"report: {path.resolve()}")
+
+
+@app.command()
+def bench(
+    out: Path = typer.Option(Path("runs/bench"), help="Directory for bench.json and bench.png."),
+    repeats: int = typer.Option(15, help="Timed repetitions per case (median reported)."),
+    compile: bool = typer.Option(False, "--compile", help="Also time torch.compile'd BatchNorm."),
+    quick: bool = typer.Option(False, "--quick", help="Small and medium shapes only, 5 repeats."),
+    epoch: bool = typer.Option(True, help="Also time one training epoch of the lab's CNN."),
+) -> None:
+    """bnlab vs torch BatchNorm on CPU: times, speed-ups and the bandwidth floor."""
+    from bnlab.bench import SHAPES, run_benchmarks
+    from bnlab.benchreport import render
+
+    shapes = {k: v for k, v in SHAPES.items() if k in ("small", "medium")} if quick else SHAPES
+    result = run_benchmarks(shapes, repeats=5 if quick else repeats, compile=compile, progress=console.print)  # fmt: skip
+    if epoch:
+        from bnlab.lab.endtoend import compare_epochs
+
+        result["epoch"] = compare_epochs(repeats=1 if quick else 3, images=256 if quick else 2048)
+    table = render(result, out)
+    console.print(table)
+    console.print(f"written: {out / 'bench.json'}, {out / 'bench.png'}")

@@ -21,6 +21,8 @@ import warnings
 import torch
 from torch import Tensor
 
+from bnlab import kernels
+
 __all__ = ["batch_norm"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -111,6 +113,17 @@ def batch_stats(xa: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return shift, mean_d, var
 
 
+def warn_nonfinite(finite: Tensor) -> None:
+    """Say which channels had non-finite batch statistics (their running stats were kept)."""
+    bad = (~finite).nonzero().flatten().tolist()
+    warnings.warn(
+        f"batch_norm: non-finite batch statistics in channel(s) {bad[:10]}"
+        f"{'...' if len(bad) > 10 else ''}; their running statistics were not updated",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
 def update_running_stats(
     running_mean: Tensor | None,
     running_var: Tensor | None,
@@ -127,13 +140,7 @@ def update_running_stats(
     finite = torch.isfinite(mean) & torch.isfinite(unbiased)
     all_finite = bool(finite.all())
     if not all_finite:
-        bad = (~finite).nonzero().flatten().tolist()
-        warnings.warn(
-            f"batch_norm: non-finite batch statistics in channel(s) {bad[:10]}"
-            f"{'...' if len(bad) > 10 else ''}; their running statistics were not updated",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+        warn_nonfinite(finite)
     for running, batch in ((running_mean, mean), (running_var, unbiased)):
         if running is None:
             continue
@@ -209,6 +216,67 @@ class _BatchNormFunction(torch.autograd.Function):
         return grad_input, grad_weight, grad_bias, None, None, None, None, None
 
 
+def _fused_forward(input, weight, bias, running_mean, running_var, training, momentum, eps, save):
+    """One fused forward: ``(out, shift, mean_d, invstd)`` (the last three only if ``save``)."""
+    ops = kernels.load()
+    out = kernels.empty_like(input)
+    if training:
+        shift, mean_d, invstd, nonfinite = ops.forward_train(
+            input, weight, bias, running_mean, running_var, momentum, eps, out
+        )
+        if nonfinite and (running_mean is not None or running_var is not None):
+            warn_nonfinite(torch.isfinite(mean_d) & torch.isfinite(invstd))
+        return out, shift, mean_d, invstd
+    shift, invstd = ops.forward_eval(input, weight, bias, running_mean, running_var, eps, out, save)
+    return out, shift, (torch.zeros_like(shift) if save else None), invstd
+
+
+class _FusedBatchNormFunction(torch.autograd.Function):
+    """The same operation on bnlab's fused C++ kernels (two passes forward, two backward).
+
+    Double backward (``create_graph=True``) takes :class:`_BatchNormFunction`'s
+    differentiable backward, which reads the same saved tensors.
+    """
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, running_mean, running_var, training, momentum, eps):
+        out, shift, mean_d, invstd = _fused_forward(
+            input, weight, bias, running_mean, running_var, training, momentum, eps, True
+        )
+        ctx.save_for_backward(input, weight, shift, mean_d, invstd)
+        ctx.training, ctx.eps = training, eps
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if torch.is_grad_enabled():
+            return _BatchNormFunction.backward(ctx, grad_out)
+        input, weight, shift, mean_d, invstd = ctx.saved_tensors
+        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+        need_weight = need_weight and weight is not None
+        need_bias = need_bias and ctx.bias_dtype is not None
+        grad_out = kernels.same_layout(grad_out, input)
+        grad_input = kernels.empty_like(input) if need_input else None
+        sum_dy, sum_dy_xhat = kernels.load().backward(
+            grad_out, input, weight, shift, mean_d, invstd, ctx.training,
+            need_weight or need_bias, grad_input,
+        )  # fmt: skip
+        grad_weight = sum_dy_xhat.to(weight.dtype) if need_weight else None
+        grad_bias = sum_dy.to(ctx.bias_dtype) if need_bias else None
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None
+
+
+def _needs_graph(input: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    return (
+        input.requires_grad
+        or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad)
+    )
+
+
 def batch_norm(
     input: Tensor,
     running_mean: Tensor | None,
@@ -233,6 +301,9 @@ def batch_norm(
         return torch.nn.functional.batch_norm(
             input, running_mean, running_var, weight, bias, training, momentum, eps
         )
-    return _BatchNormFunction.apply(
-        input, weight, bias, running_mean, running_var, training, momentum, eps
-    )
+    args = (input, weight, bias, running_mean, running_var, training, momentum, eps)
+    if not kernels.usable(input):
+        return _BatchNormFunction.apply(*args)
+    if _needs_graph(input, weight, bias):
+        return _FusedBatchNormFunction.apply(*args)
+    return _fused_forward(*args, save=False)[0]  # no autograd graph: skip the Function

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bnlab import nn as bnn
-from helpers import scaled_error
+from helpers import scaled_error, use_path
 
 PAIRS = {
     1: (bnn.BatchNorm1d, torch.nn.BatchNorm1d),
@@ -16,6 +16,13 @@ PAIRS = {
 }
 SHAPES = {1: [(7, 5), (4, 5, 9)], 2: [(3, 5, 6, 7), (2, 5, 1, 9)], 3: [(2, 5, 3, 4, 3)]}
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}
+
+
+@pytest.fixture(autouse=True, params=["fused", "torch"])
+def path(request, monkeypatch):
+    """Every test runs on both implementations behind bnlab.functional."""
+    use_path(monkeypatch, request.param)
+    return request.param
 
 
 def _grid(count=48, seed=2013):

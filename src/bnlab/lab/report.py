@@ -15,7 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from bnlab.lab.files import atomic_save_figure, atomic_write_text
+from bnlab.files import atomic_save_figure, atomic_write_text
 from bnlab.lab.runner import get_experiment, load_run
 
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 import bnlab
+from bnlab.files import atomic_write_json, atomic_write_text
 from bnlab.lab.experiments import REGISTRY, Context
-from bnlab.lab.files import atomic_write_json, atomic_write_text
 
 
 def get_experiment(name: str):

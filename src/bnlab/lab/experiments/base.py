@@ -71,3 +71,12 @@ def register(experiment: Experiment) -> Experiment:
 
 def seeds(base: int, count: int) -> list[int]:
     return list(range(base, base + count))
+
+
+def speedup_phrase(ratio: float, unit: str) -> str:
+    """'in 3.2× fewer steps', 'in 1.5× more steps', or 'never' for a ratio of 0."""
+    if ratio == 0:
+        return "never (within the budget)"
+    if ratio >= 1:
+        return f"in {ratio:.1f}× fewer {unit}"
+    return f"in {1 / ratio:.1f}× more {unit}"

@@ -10,7 +10,14 @@ import numpy as np
 import torch
 
 from bnlab.lab.data import load_dataset
-from bnlab.lab.experiments.base import Context, Experiment, Verdict, register, seeds
+from bnlab.lab.experiments.base import (
+    Context,
+    Experiment,
+    Verdict,
+    register,
+    seeds,
+    speedup_phrase,
+)
 from bnlab.lab.models import mlp
 from bnlab.lab.probes import PERCENTILES, input_percentiles
 from bnlab.lab.train import TrainConfig, train
@@ -119,7 +126,7 @@ def verdict(metrics: dict) -> Verdict:
     faster, stabler = ratio > 1.0, drift_bn < drift_base
     target = np.mean([_final(b) for b in base_runs])
     summary = (
-        f"BN reaches the baseline's final val accuracy ({target:.1%}) in {ratio:.1f}× fewer steps "
+        f"BN reaches the baseline's final val accuracy ({target:.1%}) {speedup_phrase(ratio, 'steps')} "
         f"(median of {len(ratios)} seed(s), per-seed {', '.join(f'{r:.1f}×' for r in ratios)}); "
         f"drift of the last layer's sigmoid-input percentiles: baseline {drift_base:.2f}, "
         f"BN {drift_bn:.2f} (path length / final 15–85 spread)."
@@ -164,6 +171,6 @@ EXPERIMENT = register(
         verdict=verdict,
         plot=plot,
         quick={"steps": 1500, "num_seeds": 1, "eval_every": 50},
-        full_runtime="about 3 minutes on 2 cores (3 seeds × 2 arms × 6,000 steps)",
+        full_runtime="about 1.5 minutes on 2 cores (3 seeds × 2 arms × 6,000 steps)",
     )
 )

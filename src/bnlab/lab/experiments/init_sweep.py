@@ -144,6 +144,6 @@ EXPERIMENT = register(
         verdict=verdict,
         plot=plot,
         quick={"steps": 200, "num_seeds": 1},
-        full_runtime="about 2 minutes on 2 cores (3 seeds × 2 arms × 20 scales × 600 steps)",
+        full_runtime="about 7 minutes on 2 cores (3 seeds × 2 arms × 20 scales × 600 steps)",
     )
 )

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from bnlab.lab import files
+from bnlab import files
 
 
 def test_atomic_write_replaces_whole_file(tmp_path):

@@ -1,0 +1,59 @@
+"""``bnlab bench`` output: a terminal table, ``bench.json`` and a PNG bar chart."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.table import Table
+
+from bnlab.files import atomic_save_figure, atomic_write_json
+
+
+def table(result: dict, title: str = "bnlab bench") -> Table:
+    view = Table(title=f"{title} ({result['threads']} threads, torch {result['torch']})")
+    columns = ("shape", "layout", "mode", "bnlab ms", "torch ms", "speed-up", "floor ms", "bnlab / floor")  # fmt: skip
+    if any(row["compile_ms"] is not None for row in result["rows"]):
+        columns = (*columns[:5], "compile ms", *columns[5:])
+    for column in columns:
+        view.add_column(
+            column, justify="left" if column in ("shape", "layout", "mode") else "right"
+        )
+    for row in result["rows"]:
+        cells = [f"{row['shape']} {'×'.join(map(str, row['dims']))}", row["layout"], row["mode"],
+                 f"{row['bnlab_ms']:.3f}", f"{row['torch_ms']:.3f}"]  # fmt: skip
+        if "compile ms" in columns:
+            cells.append(f"{row['compile_ms']:.3f}")
+        cells += [f"{row['speedup']:.2f}×", f"{row['floor_ms']:.3f}", f"{row['bnlab_over_floor']:.2f}×"]  # fmt: skip
+        view.add_row(*cells)
+    return view
+
+
+def chart(result: dict):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    labels = [f"{r['shape']}\n{r['layout'][:7]}\n{r['mode']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(max(8, 0.7 * len(rows)), 4.5))
+    positions = range(len(rows))
+    ax.bar([p - 0.2 for p in positions], [r["speedup"] for r in rows], width=0.4, label="speed-up vs torch")  # fmt: skip
+    ax.bar([p + 0.2 for p in positions], [r["floor_ms"] / r["bnlab_ms"] for r in rows], width=0.4, label="fraction of bandwidth floor reached")  # fmt: skip
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(list(positions), labels, fontsize=6)
+    ax.set_title("bnlab BatchNorm on CPU")
+    ax.legend()
+    return fig
+
+
+def render(result: dict, out: Path) -> Table:
+    """Write bench.json and bench.png into ``out``; return the table to print."""
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    atomic_write_json(out / "bench.json", result)
+    figure = chart(result)
+    atomic_save_figure(out / "bench.png", figure)
+    plt.close(figure)
+    return table(result)

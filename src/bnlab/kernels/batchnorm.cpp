@@ -1,0 +1,384 @@
+// bnlab's fused CPU kernels for batch normalization.
+//
+// A tensor of shape (N, C, *) is seen in one of two layouts:
+//   planar: N*C contiguous planes of L elements (contiguous NC, NCL, NCHW, NCDHW);
+//   rows:   M = N*L contiguous rows of C channels (channels_last, and (N, C) input).
+// Statistics use data shifted by one sample per channel, d = x - x[0, c, 0]: with a large
+// common offset the subtraction is exact, so sums of d and d^2 never cancel catastrophically.
+// Each pass splits its work into one chunk per thread; partial sums are accumulated in the
+// compute type over short blocks, then in double, and merged in a fixed order.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+template <typename T> struct AccType { using type = float; };
+template <> struct AccType<double> { using type = double; };
+
+constexpr int64_t kBlock = 2048;  // elements summed in the compute type before a double flush
+constexpr int64_t kRowBlock = 64;  // rows summed in the compute type before a double flush
+constexpr int64_t kLanes = 32;  // partial sums per plane pass
+
+struct Geometry {
+  int64_t N, C, L;
+  bool rows;
+  int64_t rows_count() const { return N * L; }
+};
+
+Geometry geometry(const at::Tensor& x) {
+  Geometry g{x.size(0), x.size(1), 1, false};
+  for (int64_t d = 2; d < x.dim(); ++d) g.L *= x.size(d);
+  if (x.is_contiguous() && g.L > 1) {
+    g.rows = false;
+  } else if (x.is_contiguous() && g.L == 1) {
+    g.rows = true;
+  } else {
+    g.rows = true;  // channels_last / channels_last_3d, checked by the caller
+  }
+  return g;
+}
+
+constexpr int64_t kMinParallelElements = 65536;  // below this, threads cost more than they save
+
+// One chunk per thread, but no more chunks than work items or than the size justifies.
+int64_t chunk_count(int64_t work, int64_t elements) {
+  const int64_t by_size = std::max<int64_t>(1, elements / kMinParallelElements);
+  return std::max<int64_t>(1, std::min({static_cast<int64_t>(at::get_num_threads()), work, by_size}));
+}
+
+// Per-channel sums of a = u - shift (or of v and v * (u - shift) when TWO) -----------------
+// ONE input:  s1 = sum(u - shift), s2 = sum((u - shift)^2)
+// TWO inputs: s1 = sum(v),         s2 = sum(v * (u - shift))
+template <typename scalar_t, bool TWO>
+void channel_sums(const Geometry& g, const scalar_t* u, const scalar_t* v,
+                  const typename AccType<scalar_t>::type* shift, double* s1, double* s2) {
+  using acc_t = typename AccType<scalar_t>::type;
+  const int64_t C = g.C, L = g.L;
+  const int64_t work = g.rows ? g.rows_count() : g.N * C;
+  const int64_t chunks = chunk_count(work, g.N * C * L);
+  std::vector<double> part(chunks * 2 * C, 0.0);
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> b1_store(g.rows ? C : 0), b2_store(g.rows ? C : 0);
+    acc_t* __restrict__ b1 = b1_store.data();
+    acc_t* __restrict__ b2 = b2_store.data();
+    for (int64_t k = begin; k < end; ++k) {
+      double* p1 = &part[k * 2 * C];
+      double* p2 = p1 + C;
+      const int64_t w0 = work * k / chunks, w1 = work * (k + 1) / chunks;
+      if (!g.rows) {
+        for (int64_t plane = w0; plane < w1; ++plane) {
+          const int64_t c = plane % C;
+          const scalar_t* up = u + plane * L;
+          const scalar_t* vp = TWO ? v + plane * L : nullptr;
+          const acc_t sh = shift[c];
+          double t1 = 0, t2 = 0;
+          for (int64_t l0 = 0; l0 < L; l0 += kBlock) {
+            const int64_t l1 = std::min(L, l0 + kBlock);
+            // kLanes independent partial sums: several vector registers, no dependency chain.
+            acc_t a1[kLanes] = {}, a2[kLanes] = {};
+            int64_t l = l0;
+            for (; l + kLanes <= l1; l += kLanes) {
+#pragma omp simd
+              for (int64_t j = 0; j < kLanes; ++j) {
+                const acc_t d = static_cast<acc_t>(up[l + j]) - sh;
+                if constexpr (TWO) {
+                  const acc_t dy = static_cast<acc_t>(vp[l + j]);
+                  a1[j] += dy;
+                  a2[j] += dy * d;
+                } else {
+                  a1[j] += d;
+                  a2[j] += d * d;
+                }
+              }
+            }
+            for (; l < l1; ++l) {
+              const acc_t d = static_cast<acc_t>(up[l]) - sh;
+              const acc_t dy = TWO ? static_cast<acc_t>(vp[l]) : d;
+              a1[0] += dy;
+              a2[0] += dy * d;
+            }
+            for (int64_t j = 0; j < kLanes; ++j) {
+              t1 += a1[j];
+              t2 += a2[j];
+            }
+          }
+          p1[c] += t1;
+          p2[c] += t2;
+        }
+      } else {
+        // Row by row, all channels at once: the partial sums live in two L1-resident arrays.
+        const acc_t* __restrict__ s_ = shift;
+        for (int64_t r0 = w0; r0 < w1; r0 += kRowBlock) {
+          const int64_t r1 = std::min(w1, r0 + kRowBlock);
+          std::fill(b1, b1 + C, acc_t(0));
+          std::fill(b2, b2 + C, acc_t(0));
+          for (int64_t r = r0; r < r1; ++r) {
+            const scalar_t* __restrict__ ur = u + r * C;
+            const scalar_t* __restrict__ vr = TWO ? v + r * C : nullptr;
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) {
+              const acc_t d = static_cast<acc_t>(ur[c]) - s_[c];
+              const acc_t e = TWO ? static_cast<acc_t>(vr[c]) : d;
+              b1[c] += e;
+              b2[c] += e * d;
+            }
+          }
+          for (int64_t c = 0; c < C; ++c) {
+            p1[c] += b1[c];
+            p2[c] += b2[c];
+          }
+        }
+      }
+    }
+  });
+  for (int64_t c = 0; c < C; ++c) {
+    double t1 = 0, t2 = 0;
+    for (int64_t k = 0; k < chunks; ++k) {
+      t1 += part[k * 2 * C + c];
+      t2 += part[k * 2 * C + C + c];
+    }
+    s1[c] = t1;
+    s2[c] = t2;
+  }
+}
+
+// out = A * v + B * (u - shift) + K per channel; USE_V=false drops v (out = B*(u-shift) + K),
+// USE_U=false drops u (out = A * v + K).
+template <typename scalar_t, bool USE_V, bool USE_U>
+void channel_affine(const Geometry& g, const scalar_t* u, const scalar_t* v,
+                    const typename AccType<scalar_t>::type* shift,
+                    const typename AccType<scalar_t>::type* A,
+                    const typename AccType<scalar_t>::type* B,
+                    const typename AccType<scalar_t>::type* K, scalar_t* out) {
+  using acc_t = typename AccType<scalar_t>::type;
+  const int64_t C = g.C, L = g.L;
+  const int64_t work = g.rows ? g.rows_count() : g.N * C;
+  const int64_t per_item = g.rows ? C : L;
+  const int64_t grain = std::max<int64_t>(1, kMinParallelElements / std::max<int64_t>(per_item, 1));
+  at::parallel_for(0, work, grain, [&](int64_t begin, int64_t end) {
+    if (!g.rows) {
+      for (int64_t plane = begin; plane < end; ++plane) {
+        const int64_t c = plane % C;
+        const acc_t a = USE_V ? A[c] : acc_t(0), b = USE_U ? B[c] : acc_t(0), k = K[c];
+        const acc_t sh = USE_U ? shift[c] : acc_t(0);
+        const scalar_t* up = USE_U ? u + plane * L : nullptr;
+        const scalar_t* vp = USE_V ? v + plane * L : nullptr;
+        scalar_t* op = out + plane * L;
+#pragma omp simd
+        for (int64_t l = 0; l < L; ++l) {
+          acc_t y = k;
+          if constexpr (USE_U) y += b * (static_cast<acc_t>(up[l]) - sh);
+          if constexpr (USE_V) y += a * static_cast<acc_t>(vp[l]);
+          op[l] = static_cast<scalar_t>(y);
+        }
+      }
+    } else {
+      const acc_t* __restrict__ a_ = A;
+      const acc_t* __restrict__ b_ = B;
+      const acc_t* __restrict__ k_ = K;
+      const acc_t* __restrict__ s_ = shift;
+      for (int64_t r = begin; r < end; ++r) {
+        const scalar_t* __restrict__ ur = USE_U ? u + r * C : nullptr;
+        const scalar_t* __restrict__ vr = USE_V ? v + r * C : nullptr;
+        scalar_t* __restrict__ orow = out + r * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+          acc_t y = k_[c];
+          if constexpr (USE_U) y += b_[c] * (static_cast<acc_t>(ur[c]) - s_[c]);
+          if constexpr (USE_V) y += a_[c] * static_cast<acc_t>(vr[c]);
+          orow[c] = static_cast<scalar_t>(y);
+        }
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+std::vector<typename AccType<scalar_t>::type> first_sample(const Geometry& g, const scalar_t* x) {
+  using acc_t = typename AccType<scalar_t>::type;
+  std::vector<acc_t> shift(g.C);
+  for (int64_t c = 0; c < g.C; ++c) shift[c] = static_cast<acc_t>(g.rows ? x[c] : x[c * g.L]);
+  return shift;
+}
+
+at::ScalarType acc_dtype(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// A (C,) tensor of any floating dtype and stride, read into doubles (fill if absent).
+std::vector<double> to_double(const c10::optional<at::Tensor>& t, int64_t C, double fill) {
+  std::vector<double> out(C, fill);
+  if (t.has_value() && t->defined()) {
+    const int64_t stride = t->stride(0);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t->scalar_type(), "to_double", [&] {
+      const scalar_t* p = t->data_ptr<scalar_t>();
+      for (int64_t c = 0; c < C; ++c) out[c] = static_cast<double>(p[c * stride]);
+    });
+  }
+  return out;
+}
+
+template <typename T>
+at::Tensor vector_tensor(const std::vector<T>& values, at::ScalarType dtype) {
+  auto t = at::empty({static_cast<int64_t>(values.size())}, at::TensorOptions().dtype(at::kDouble));
+  double* p = t.data_ptr<double>();
+  for (size_t i = 0; i < values.size(); ++i) p[i] = static_cast<double>(values[i]);
+  return dtype == at::kDouble ? t : t.to(dtype);
+}
+
+// running = (1 - momentum) * running + momentum * batch, in place, for finite channels only.
+void update_running(at::Tensor running, const std::vector<double>& batch, double momentum,
+                    const std::vector<bool>& finite) {
+  const int64_t stride = running.stride(0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, running.scalar_type(), "update_running", [&] {
+    scalar_t* p = running.data_ptr<scalar_t>();
+    for (size_t c = 0; c < batch.size(); ++c) {
+      if (!finite[c]) continue;
+      const double old = static_cast<double>(p[c * stride]);
+      p[c * stride] = static_cast<scalar_t>(old * (1.0 - momentum) + batch[c] * momentum);
+    }
+  });
+}
+
+}  // namespace
+
+// Training forward: statistics, running-statistics update and normalization, writing `out`.
+// Returns (shift, mean - shift, invstd) in the compute dtype and the number of channels
+// whose batch statistics were not finite (their running statistics are left unchanged).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> forward_train(
+    const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var, double momentum, double eps, at::Tensor out) {
+  const Geometry g = geometry(x);
+  const int64_t C = g.C;
+  const double n = static_cast<double>(x.numel() / C);
+  std::vector<double> mean_d(C), var(C), invstd(C), a(C), k(C);
+  std::vector<bool> finite(C);
+  int64_t nonfinite = 0;
+  at::Tensor shift_t;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnlab_forward_train", [&] {
+    using acc_t = typename AccType<scalar_t>::type;
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    auto shift = first_sample(g, xp);
+    std::vector<double> s1(C), s2(C);
+    channel_sums<scalar_t, false>(g, xp, nullptr, shift.data(), s1.data(), s2.data());
+    auto w = to_double(weight, C, 1.0), b = to_double(bias, C, 0.0);
+    std::vector<acc_t> A(C), K(C);
+    for (int64_t c = 0; c < C; ++c) {
+      mean_d[c] = s1[c] / n;
+      var[c] = std::max(0.0, s2[c] / n - mean_d[c] * mean_d[c]);
+      invstd[c] = 1.0 / std::sqrt(var[c] + eps);
+      A[c] = static_cast<acc_t>(w[c] * invstd[c]);
+      K[c] = static_cast<acc_t>(b[c] - mean_d[c] * w[c] * invstd[c]);
+      finite[c] = std::isfinite(mean_d[c]) && std::isfinite(s2[c]);
+      nonfinite += finite[c] ? 0 : 1;
+    }
+    channel_affine<scalar_t, false, true>(g, xp, nullptr, shift.data(), nullptr, A.data(), K.data(),
+                                          out.data_ptr<scalar_t>());
+    shift_t = vector_tensor(shift, acc_dtype(x));
+  });
+  if (running_mean.has_value() && running_mean->defined()) {
+    auto shift_d = to_double(c10::optional<at::Tensor>(shift_t), C, 0.0);
+    std::vector<double> mean(C);
+    for (int64_t c = 0; c < C; ++c) mean[c] = shift_d[c] + mean_d[c];
+    update_running(*running_mean, mean, momentum, finite);
+  }
+  if (running_var.has_value() && running_var->defined()) {
+    std::vector<double> unbiased(C);
+    for (int64_t c = 0; c < C; ++c) unbiased[c] = var[c] * n / std::max(1.0, n - 1.0);
+    update_running(*running_var, unbiased, momentum, finite);
+  }
+  return {shift_t, vector_tensor(mean_d, acc_dtype(x)), vector_tensor(invstd, acc_dtype(x)), nonfinite};
+}
+
+// Evaluation forward: out = (x - running_mean) * weight * invstd + bias, one pass.
+// Returns (shift = running_mean, invstd) in the compute dtype when `want_saved`.
+std::tuple<at::Tensor, at::Tensor> forward_eval(
+    const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const at::Tensor& running_mean,
+    const at::Tensor& running_var, double eps, at::Tensor out, bool want_saved) {
+  const Geometry g = geometry(x);
+  const int64_t C = g.C;
+  auto w = to_double(weight, C, 1.0), b = to_double(bias, C, 0.0);
+  auto rm = to_double(c10::optional<at::Tensor>(running_mean), C, 0.0);
+  auto rv = to_double(c10::optional<at::Tensor>(running_var), C, 1.0);
+  std::vector<double> invstd(C);
+  for (int64_t c = 0; c < C; ++c) invstd[c] = 1.0 / std::sqrt(rv[c] + eps);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnlab_forward_eval", [&] {
+    using acc_t = typename AccType<scalar_t>::type;
+    std::vector<acc_t> shift(C), A(C), K(C);
+    for (int64_t c = 0; c < C; ++c) {
+      shift[c] = static_cast<acc_t>(rm[c]);
+      A[c] = static_cast<acc_t>(w[c] * invstd[c]);
+      K[c] = static_cast<acc_t>(b[c]);
+    }
+    channel_affine<scalar_t, false, true>(g, x.data_ptr<scalar_t>(), nullptr, shift.data(), nullptr,
+                                          A.data(), K.data(), out.data_ptr<scalar_t>());
+  });
+  if (!want_saved) return {at::Tensor(), at::Tensor()};
+  return {vector_tensor(rm, acc_dtype(x)), vector_tensor(invstd, acc_dtype(x))};
+}
+
+// Backward. Given the saved (shift, mean_d, invstd), computes per-channel sum(dy) and
+// sum(dy * x_hat) in one pass and, if `grad_input` is defined, dx in a second:
+//   training: dx = w*invstd * (dy - mean(dy) - x_hat * mean(dy * x_hat))
+//   eval:     dx = w*invstd * dy
+// Returns (sum_dy, sum_dy_xhat) in double (empty tensors when `need_sums` is false).
+std::tuple<at::Tensor, at::Tensor> backward(
+    const at::Tensor& grad_out, const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+    const at::Tensor& shift_t, const at::Tensor& mean_d_t, const at::Tensor& invstd_t,
+    bool training, bool need_sums, const c10::optional<at::Tensor>& grad_input_opt) {
+  const at::Tensor grad_input = grad_input_opt.has_value() ? *grad_input_opt : at::Tensor();
+  const Geometry g = geometry(x);
+  const int64_t C = g.C;
+  const double n = static_cast<double>(x.numel() / C);
+  auto w = to_double(weight, C, 1.0);
+  auto mean_d = to_double(c10::optional<at::Tensor>(mean_d_t), C, 0.0);
+  auto invstd = to_double(c10::optional<at::Tensor>(invstd_t), C, 1.0);
+  std::vector<double> sum_dy(C, 0.0), sum_dy_xhat(C, 0.0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnlab_backward", [&] {
+    using acc_t = typename AccType<scalar_t>::type;
+    std::vector<acc_t> shift(C);
+    auto shift_d = to_double(c10::optional<at::Tensor>(shift_t), C, 0.0);
+    for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<acc_t>(shift_d[c]);
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* dyp = grad_out.data_ptr<scalar_t>();
+    if (need_sums || (training && grad_input.defined())) {
+      std::vector<double> s1(C), s2(C);
+      channel_sums<scalar_t, true>(g, xp, dyp, shift.data(), s1.data(), s2.data());
+      for (int64_t c = 0; c < C; ++c) {
+        sum_dy[c] = s1[c];
+        sum_dy_xhat[c] = invstd[c] * (s2[c] - mean_d[c] * s1[c]);  // x_hat = (d - mean_d) * invstd
+      }
+    }
+    if (!grad_input.defined()) return;
+    std::vector<acc_t> A(C), B(C), K(C);
+    for (int64_t c = 0; c < C; ++c) {
+      const double gain = w[c] * invstd[c];
+      A[c] = static_cast<acc_t>(gain);
+      const double slope = training ? gain * invstd[c] * sum_dy_xhat[c] / n : 0.0;
+      B[c] = static_cast<acc_t>(-slope);
+      K[c] = static_cast<acc_t>(training ? slope * mean_d[c] - gain * sum_dy[c] / n : 0.0);
+    }
+    scalar_t* dxp = grad_input.data_ptr<scalar_t>();
+    if (training) {
+      channel_affine<scalar_t, true, true>(g, xp, dyp, shift.data(), A.data(), B.data(), K.data(), dxp);
+    } else {
+      channel_affine<scalar_t, true, false>(g, nullptr, dyp, nullptr, A.data(), nullptr, K.data(), dxp);
+    }
+  });
+  if (!need_sums) return {at::Tensor(), at::Tensor()};
+  return {vector_tensor(sum_dy, at::kDouble), vector_tensor(sum_dy_xhat, at::kDouble)};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward_train", &forward_train, "batch norm training forward (fused)");
+  m.def("forward_eval", &forward_eval, "batch norm evaluation forward (fused)");
+  m.def("backward", &backward, "batch norm backward (fused)");
+}
