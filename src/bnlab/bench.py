@@ -118,6 +118,10 @@ def bench_case(
     for fn in candidates.values():  # warm-up: JIT loads, compiles, first-touch allocations
         for _ in range(warmup):
             fn()
+    # Fast cases get more repetitions (about 0.3 s per candidate, at most 400): their medians
+    # are otherwise at the mercy of a noisy machine.
+    estimate = median_ms(candidates["torch"], 3, 0) / 1e3
+    repeats = max(repeats, min(400, int(0.3 / max(estimate, 1e-6))))
     for _ in range(repeats):  # interleaved, so slow drifts of the machine hit all alike
         for key, fn in candidates.items():
             times[key].append(median_ms(fn, 1, 0))

@@ -256,13 +256,13 @@ class _FusedBatchNormFunction(torch.autograd.Function):
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
         need_weight = need_weight and weight is not None
         need_bias = need_bias and ctx.bias_dtype is not None
-        grad_out = kernels.same_layout(grad_out, input)
         grad_input = kernels.empty_like(input) if need_input else None
+        sums_dtype = weight.dtype if need_weight else (ctx.bias_dtype if need_bias else None)
         sum_dy, sum_dy_xhat = kernels.load().backward(
-            grad_out, input, weight, shift, mean_d, invstd, ctx.training,
-            need_weight or need_bias, grad_input,
+            kernels.same_layout(grad_out, input), input, weight, shift, mean_d, invstd,
+            ctx.training, sums_dtype, grad_input,
         )  # fmt: skip
-        grad_weight = sum_dy_xhat.to(weight.dtype) if need_weight else None
+        grad_weight = sum_dy_xhat if need_weight else None
         grad_bias = sum_dy.to(ctx.bias_dtype) if need_bias else None
         return grad_input, grad_weight, grad_bias, None, None, None, None, None
 

@@ -161,6 +161,8 @@ _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 def same_layout(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``t`` with ``like``'s memory layout (contiguous or channels_last), copying if needed."""
+    if t.stride() == like.stride():
+        return t
     if like.is_contiguous():
         return t.contiguous()
     fmt = torch.channels_last if like.dim() == 4 else torch.channels_last_3d

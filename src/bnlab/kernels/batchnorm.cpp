@@ -72,42 +72,50 @@ void channel_sums(const Geometry& g, const scalar_t* u, const scalar_t* v,
       double* p2 = p1 + C;
       const int64_t w0 = work * k / chunks, w1 = work * (k + 1) / chunks;
       if (!g.rows) {
-        for (int64_t plane = w0; plane < w1; ++plane) {
-          const int64_t c = plane % C;
-          const scalar_t* up = u + plane * L;
-          const scalar_t* vp = TWO ? v + plane * L : nullptr;
+        // Work items in channel-major order (w = c * N + n), so that the kLanes partial sums
+        // of a channel carry over its N planes: small planes pay no per-plane reduction.
+        for (int64_t w = w0; w < w1;) {
+          const int64_t c = w / g.N;
+          const int64_t w_end = std::min(w1, (c + 1) * g.N);
           const acc_t sh = shift[c];
+          acc_t a1[kLanes] = {}, a2[kLanes] = {};
           double t1 = 0, t2 = 0;
-          for (int64_t l0 = 0; l0 < L; l0 += kBlock) {
-            const int64_t l1 = std::min(L, l0 + kBlock);
-            // kLanes independent partial sums: several vector registers, no dependency chain.
-            acc_t a1[kLanes] = {}, a2[kLanes] = {};
-            int64_t l = l0;
-            for (; l + kLanes <= l1; l += kLanes) {
-#pragma omp simd
-              for (int64_t j = 0; j < kLanes; ++j) {
-                const acc_t d = static_cast<acc_t>(up[l + j]) - sh;
-                if constexpr (TWO) {
-                  const acc_t dy = static_cast<acc_t>(vp[l + j]);
-                  a1[j] += dy;
-                  a2[j] += dy * d;
-                } else {
-                  a1[j] += d;
-                  a2[j] += d * d;
-                }
-              }
-            }
-            for (; l < l1; ++l) {
-              const acc_t d = static_cast<acc_t>(up[l]) - sh;
-              const acc_t dy = TWO ? static_cast<acc_t>(vp[l]) : d;
-              a1[0] += dy;
-              a2[0] += dy * d;
-            }
+          int64_t pending = 0;  // elements summed in a1/a2 since the last flush to double
+          auto flush = [&] {
             for (int64_t j = 0; j < kLanes; ++j) {
               t1 += a1[j];
               t2 += a2[j];
+              a1[j] = a2[j] = acc_t(0);
+            }
+            pending = 0;
+          };
+          for (; w < w_end; ++w) {
+            const int64_t plane = (w % g.N) * C + c;
+            const scalar_t* __restrict__ up = u + plane * L;
+            const scalar_t* __restrict__ vp = TWO ? v + plane * L : nullptr;
+            for (int64_t l0 = 0; l0 < L; l0 += kBlock) {
+              const int64_t l1 = std::min(L, l0 + kBlock);
+              int64_t l = l0;
+              for (; l + kLanes <= l1; l += kLanes) {
+#pragma omp simd
+                for (int64_t j = 0; j < kLanes; ++j) {
+                  const acc_t d = static_cast<acc_t>(up[l + j]) - sh;
+                  const acc_t e = TWO ? static_cast<acc_t>(vp[l + j]) : d;
+                  a1[j] += e;
+                  a2[j] += e * d;
+                }
+              }
+              for (int64_t j = 0; l < l1; ++l, ++j) {
+                const acc_t d = static_cast<acc_t>(up[l]) - sh;
+                const acc_t e = TWO ? static_cast<acc_t>(vp[l]) : d;
+                a1[j] += e;
+                a2[j] += e * d;
+              }
+              pending += l1 - l0;
+              if (pending >= kBlock) flush();
             }
           }
+          flush();
           p1[c] += t1;
           p2[c] += t2;
         }
@@ -226,10 +234,12 @@ std::vector<double> to_double(const c10::optional<at::Tensor>& t, int64_t C, dou
 
 template <typename T>
 at::Tensor vector_tensor(const std::vector<T>& values, at::ScalarType dtype) {
-  auto t = at::empty({static_cast<int64_t>(values.size())}, at::TensorOptions().dtype(at::kDouble));
-  double* p = t.data_ptr<double>();
-  for (size_t i = 0; i < values.size(); ++i) p[i] = static_cast<double>(values[i]);
-  return dtype == at::kDouble ? t : t.to(dtype);
+  auto t = at::empty({static_cast<int64_t>(values.size())}, at::TensorOptions().dtype(dtype));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "vector_tensor", [&] {
+    scalar_t* p = t.data_ptr<scalar_t>();
+    for (size_t i = 0; i < values.size(); ++i) p[i] = static_cast<scalar_t>(values[i]);
+  });
+  return t;
 }
 
 // running = (1 - momentum) * running + momentum * batch, in place, for finite channels only.
@@ -329,11 +339,13 @@ std::tuple<at::Tensor, at::Tensor> forward_eval(
 // sum(dy * x_hat) in one pass and, if `grad_input` is defined, dx in a second:
 //   training: dx = w*invstd * (dy - mean(dy) - x_hat * mean(dy * x_hat))
 //   eval:     dx = w*invstd * dy
-// Returns (sum_dy, sum_dy_xhat) in double (empty tensors when `need_sums` is false).
+// Returns (sum_dy, sum_dy_xhat) in `sums_dtype` (undefined tensors when it is not given).
 std::tuple<at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_out, const at::Tensor& x, const c10::optional<at::Tensor>& weight,
     const at::Tensor& shift_t, const at::Tensor& mean_d_t, const at::Tensor& invstd_t,
-    bool training, bool need_sums, const c10::optional<at::Tensor>& grad_input_opt) {
+    bool training, c10::optional<at::ScalarType> sums_dtype,
+    const c10::optional<at::Tensor>& grad_input_opt) {
+  const bool need_sums = sums_dtype.has_value();
   const at::Tensor grad_input = grad_input_opt.has_value() ? *grad_input_opt : at::Tensor();
   const Geometry g = geometry(x);
   const int64_t C = g.C;
@@ -374,7 +386,7 @@ std::tuple<at::Tensor, at::Tensor> backward(
     }
   });
   if (!need_sums) return {at::Tensor(), at::Tensor()};
-  return {vector_tensor(sum_dy, at::kDouble), vector_tensor(sum_dy_xhat, at::kDouble)};
+  return {vector_tensor(sum_dy, *sums_dtype), vector_tensor(sum_dy_xhat, *sums_dtype)};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
