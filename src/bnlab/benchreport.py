@@ -10,7 +10,8 @@ from bnlab.files import atomic_save_figure, atomic_write_json
 
 
 def table(result: dict, title: str = "bnlab bench") -> Table:
-    view = Table(title=f"{title} ({result['threads']} threads, torch {result['torch']})")
+    allocator = result.get("allocator", "default")
+    view = Table(title=f"{title} ({result['threads']} threads, torch {result['torch']}, {allocator} allocator)")  # fmt: skip
     columns = ("shape", "layout", "mode", "bnlab ms", "torch ms", "speed-up", "floor ms", "bnlab / floor")  # fmt: skip
     if any(row["compile_ms"] is not None for row in result["rows"]):
         columns = (*columns[:5], "compile ms", *columns[5:])
@@ -57,3 +58,14 @@ def render(result: dict, out: Path) -> Table:
     atomic_save_figure(out / "bench.png", figure)
     plt.close(figure)
     return table(result)
+
+
+def markdown(result: dict) -> str:
+    """The table as Markdown (for the README)."""
+    lines = ["| shape | layout | mode | bnlab ms | torch ms | speed-up | floor ms | bnlab / floor |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['shape']} {'×'.join(map(str, r['dims']))} | {r['layout']} | {r['mode']} | {r['bnlab_ms']:.3f} "
+            f"| {r['torch_ms']:.3f} | {r['speedup']:.2f}× | {r['floor_ms']:.3f} | {r['bnlab_over_floor']:.2f}× |"
+        )
+    return "\n".join(lines)

@@ -121,21 +121,58 @@ def report(
 @app.command()
 def bench(
     out: Path = typer.Option(Path("runs/bench"), help="Directory for bench.json and bench.png."),
-    repeats: int = typer.Option(15, help="Timed repetitions per case (median reported)."),
+    repeats: int = typer.Option(15, help="Minimum timed repetitions per case (median reported)."),
     compile: bool = typer.Option(False, "--compile", help="Also time torch.compile'd BatchNorm."),
-    quick: bool = typer.Option(False, "--quick", help="Small and medium shapes only, 5 repeats."),
+    quick: bool = typer.Option(False, "--quick", help="Small and medium shapes only."),
     epoch: bool = typer.Option(True, help="Also time one training epoch of the lab's CNN."),
+    tuned: bool = typer.Option(True, help="Also run everything under the tuned glibc allocator."),
 ) -> None:
     """bnlab vs torch BatchNorm on CPU: times, speed-ups and the bandwidth floor."""
+    from bnlab.allocator import is_tuned
     from bnlab.bench import SHAPES, run_benchmarks
     from bnlab.benchreport import render
 
     shapes = {k: v for k, v in SHAPES.items() if k in ("small", "medium")} if quick else SHAPES
-    result = run_benchmarks(shapes, repeats=5 if quick else repeats, compile=compile, progress=console.print)  # fmt: skip
+    result = run_benchmarks(shapes, repeats=repeats, compile=compile, progress=console.print)
+    result["allocator"] = "tuned" if is_tuned() else "default"
     if epoch:
         from bnlab.lab.endtoend import compare_epochs
 
         result["epoch"] = compare_epochs(repeats=1 if quick else 3, images=256 if quick else 2048)
-    table = render(result, out)
-    console.print(table)
+        console.print(f"one CNN epoch: bnlab {result['epoch']['bnlab']:.2f} s, torch {result['epoch']['torch']:.2f} s ({result['epoch']['speedup']:.2f}×)")  # fmt: skip
+    if tuned and not is_tuned():
+        result["tuned"] = _bench_tuned(out, repeats, compile, quick, epoch)
+    console.print(render(result, out))
+    if "tuned" in result:
+        from bnlab.benchreport import table
+
+        console.print(table(result["tuned"]))
     console.print(f"written: {out / 'bench.json'}, {out / 'bench.png'}")
+
+
+def _bench_tuned(out: Path, repeats: int, compile: bool, quick: bool, epoch: bool) -> dict:
+    """The same benchmark in a child process started with the tuned allocator."""
+    import json
+    import subprocess
+    import sys
+
+    from bnlab.allocator import tuned_environ
+
+    child_out = out / "tuned"
+    argv = [sys.executable, "-m", "bnlab", "bench", "--no-tuned", "--out", str(child_out), "--repeats", str(repeats)]  # fmt: skip
+    argv += ["--compile"] * compile + ["--quick"] * quick + ([] if epoch else ["--no-epoch"])
+    console.print("[bold]again with the tuned glibc allocator (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_)[/bold]")  # fmt: skip
+    subprocess.run(argv, env=tuned_environ(), check=True)
+    return json.loads((child_out / "bench.json").read_text())
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def tuned(ctx: typer.Context) -> None:
+    """Run a command under the tuned glibc allocator: bnlab tuned -- python train.py"""
+    from bnlab.allocator import exec_tuned
+
+    try:
+        exec_tuned(ctx.args)
+    except (ValueError, OSError) as error:
+        console.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(2) from None
