@@ -108,12 +108,15 @@ def bench_case(
         x = x.to(memory_format=torch.channels_last if len(dims) == 4 else torch.channels_last_3d)
     dy = torch.randn(dims, generator=generator, dtype=dtype)
     dy = kernels.same_layout(dy, x)
-    x.requires_grad_(mode == "train-fwd+bwd")
+
+    def own_input():  # each candidate frees only its own gradients inside its timed region
+        return x.detach().clone().requires_grad_(mode == "train-fwd+bwd")
+
     ours, theirs = (m.to(dtype) for m in _modules(dims[1], len(dims)))
-    candidates = {"bnlab": _step(ours, x, dy, mode), "torch": _step(theirs, x, dy, mode)}
+    candidates = {"bnlab": _step(ours, own_input(), dy, mode), "torch": _step(theirs, own_input(), dy, mode)}  # fmt: skip
     if compile:
         compiled = torch.compile(_modules(dims[1], len(dims))[1].to(dtype))
-        candidates["compile"] = _step(compiled, x, dy, mode)
+        candidates["compile"] = _step(compiled, own_input(), dy, mode)
     times: dict[str, list[float]] = {k: [] for k in candidates}
     for fn in candidates.values():  # warm-up: JIT loads, compiles, first-touch allocations
         for _ in range(warmup):

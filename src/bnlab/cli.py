@@ -135,6 +135,12 @@ def bench(
     shapes = {k: v for k, v in SHAPES.items() if k in ("small", "medium")} if quick else SHAPES
     result = run_benchmarks(shapes, repeats=repeats, compile=compile, progress=console.print)
     result["allocator"] = "tuned" if is_tuned() else "default"
+    compiled = result["kernel_compile_seconds"]
+    console.print(
+        f"kernels: first-call compile {compiled:.0f} s (cached on disk since), this process loaded them in {result['kernel_load_seconds']:.2f} s"
+        if compiled is not None
+        else "kernels: not available, bnlab ran its level-2 torch path"
+    )
     if epoch:
         from bnlab.lab.endtoend import compare_epochs
 

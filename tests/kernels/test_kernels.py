@@ -155,3 +155,16 @@ def test_pooled_outputs_are_independent_tensors():
     b = batch_norm(x * 2, None, None, training=True)
     assert a.data_ptr() != b.data_ptr()
     np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-4)  # BN is scale-invariant
+
+
+def test_pooled_gradient_is_kept_by_autograd_not_copied():
+    x = torch.randn(64, 16, 32, 32, requires_grad=True)  # 4 MB: pooled
+    out = batch_norm(x, None, None, training=True)
+    assert not out._is_view()
+    out.backward(torch.ones_like(out))
+    pointer = x.grad.data_ptr()
+    x.grad = None
+    del out
+    assert any(b.ctypes.data == pointer for b in kernels.POOL._idle), (
+        "the grad was the pool's buffer"
+    )

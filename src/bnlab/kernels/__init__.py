@@ -108,6 +108,12 @@ def _build() -> ModuleType:
     directory = cache_dir()
     directory.mkdir(parents=True, exist_ok=True)
     record = directory / "build.json"
+    if not record.exists():
+        print(
+            f"bnlab: compiling the fused CPU kernels into {directory} (once per machine, about a minute)",
+            file=sys.stderr,
+            flush=True,
+        )
     started = time.perf_counter()
     module = cpp_extension.load(
         name=f"bnlab_kernels_{build_key()}",
@@ -221,5 +227,6 @@ def empty_like(input: torch.Tensor) -> torch.Tensor:
     nbytes = input.numel() * input.element_size()
     if nbytes < HUGE_ALLOCATION_BYTES:
         return torch.empty_like(input)
-    buffer = torch.from_numpy(POOL.take(nbytes)).view(input.dtype)
-    return buffer.as_strided(input.shape, input.stride())
+    storage = torch.from_numpy(POOL.take(nbytes)).untyped_storage()
+    # set_ (not a view): autograd then keeps such a gradient instead of copying it.
+    return torch.empty(0, dtype=input.dtype).set_(storage, 0, input.shape, input.stride())
