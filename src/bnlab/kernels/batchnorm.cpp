@@ -126,9 +126,27 @@ void channel_sums(const Geometry& g, const scalar_t* u, const scalar_t* v,
           const int64_t r1 = std::min(w1, r0 + kRowBlock);
           std::fill(b1, b1 + C, acc_t(0));
           std::fill(b2, b2 + C, acc_t(0));
-          for (int64_t r = r0; r < r1; ++r) {
+          int64_t r = r0;
+          for (; r + 4 <= r1; r += 4) {  // four rows per update of the partial sums
+            const scalar_t* __restrict__ u0 = u + r * C;
+            const scalar_t* __restrict__ v0 = TWO ? v + r * C : u0;
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) {
+              const acc_t d0 = static_cast<acc_t>(u0[c]) - s_[c];
+              const acc_t d1 = static_cast<acc_t>(u0[c + C]) - s_[c];
+              const acc_t d2 = static_cast<acc_t>(u0[c + 2 * C]) - s_[c];
+              const acc_t d3 = static_cast<acc_t>(u0[c + 3 * C]) - s_[c];
+              const acc_t e0 = TWO ? static_cast<acc_t>(v0[c]) : d0;
+              const acc_t e1 = TWO ? static_cast<acc_t>(v0[c + C]) : d1;
+              const acc_t e2 = TWO ? static_cast<acc_t>(v0[c + 2 * C]) : d2;
+              const acc_t e3 = TWO ? static_cast<acc_t>(v0[c + 3 * C]) : d3;
+              b1[c] += (e0 + e1) + (e2 + e3);
+              b2[c] += (e0 * d0 + e1 * d1) + (e2 * d2 + e3 * d3);
+            }
+          }
+          for (; r < r1; ++r) {
             const scalar_t* __restrict__ ur = u + r * C;
-            const scalar_t* __restrict__ vr = TWO ? v + r * C : nullptr;
+            const scalar_t* __restrict__ vr = TWO ? v + r * C : ur;
 #pragma omp simd
             for (int64_t c = 0; c < C; ++c) {
               const acc_t d = static_cast<acc_t>(ur[c]) - s_[c];
