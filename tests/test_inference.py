@@ -1,0 +1,159 @@
+"""fold_batchnorm, freeze_batchnorm, recalibrate on the test models; bad input."""
+
+import pytest
+import torch
+from torch import nn
+
+from bnlab import nn as bnn
+from bnlab.inference import (
+    FrozenBatchNorm2d,
+    fold_batchnorm,
+    freeze_batchnorm,
+    is_batchnorm,
+    recalibrate,
+)
+from bnlab.reference import population_statistics
+from inference_models import SmallResNet, Tricky, Untraceable, mlp, trained
+
+CASES = {
+    "resnet": (SmallResNet, (4, 3, 16, 16)),
+    "mlp": (mlp, (6, 10)),
+    "untraceable": (Untraceable, (4, 2, 7)),
+}
+
+
+def _relative(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_folded_model_matches_and_has_no_foldable_bn(name):
+    make, shape = CASES[name]
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    model = trained(make(), x)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    folded = fold_batchnorm(model)
+    with torch.no_grad():
+        assert _relative(folded(x), model(x)) < 1e-5
+    report = folded.fold_report
+    remaining = [n for n, m in folded.named_modules() if is_batchnorm(m)]
+    assert sorted(remaining) == sorted(bn for bn, _ in report.kept), "every BN left is explained"
+    assert report.folded, "something was folded"
+    for key, value in model.state_dict().items():
+        assert torch.equal(before[key], value), "the original model is unchanged"
+    assert not folded.training
+
+
+def test_resnet_report_names_the_bn_after_an_activation():
+    x = torch.randn(2, 3, 16, 16)
+    folded = fold_batchnorm(trained(SmallResNet(), x))
+    report = folded.fold_report
+    assert report.method == "torch.fx"
+    assert len(report.folded) == 5  # stem + 2 blocks × 2
+    assert [bn for bn, _ in report.kept] == ["after_relu"]
+    assert "not a module" in report.kept[0][1] or "not a convolution" in report.kept[0][1]
+    assert "folded 5 BatchNorm layer(s)" in str(report)
+
+
+def test_untraceable_model_falls_back_to_sequential_walk():
+    x = torch.randn(4, 2, 7)
+    folded = fold_batchnorm(trained(Untraceable(), x))
+    assert folded.fold_report.method.startswith("nn.Sequential walk")
+    assert len(folded.fold_report.folded) == 2
+
+
+def test_tricky_model_keeps_what_cannot_be_folded():
+    x = torch.randn(2, 3, 5, 5)
+    model = trained(Tricky(), x)
+    folded = fold_batchnorm(model)
+    reasons = dict(folded.fold_report.kept)
+    assert set(reasons) == {"input_bn", "shared", "bn_c"}
+    assert "not a module" in reasons["input_bn"]
+    assert "called 2 times" in reasons["shared"]
+    assert "feeds 2 consumers" in reasons["bn_c"]
+    with torch.no_grad():
+        assert _relative(folded(x), model(x)) < 1e-5
+
+
+def test_fold_warns_for_training_mode_and_rejects_models_without_bn():
+    with pytest.warns(UserWarning, match="training mode"):
+        fold_batchnorm(mlp().train())
+    with pytest.raises(ValueError, match="expected at least one BatchNorm layer to fold"):
+        fold_batchnorm(nn.Sequential(nn.Linear(2, 2)))
+    with pytest.raises(TypeError, match="model: expected a torch.nn.Module"):
+        fold_batchnorm("model.pt")
+
+
+def test_untracked_bn_is_not_folded():
+    model = nn.Sequential(nn.Linear(4, 4), bnn.BatchNorm1d(4, track_running_stats=False)).eval()
+    folded = fold_batchnorm(model)
+    assert "track_running_stats=False" in folded.fold_report.kept[0][1]
+
+
+def test_freeze_is_state_dict_compatible_and_fixed():
+    x = torch.randn(4, 3, 16, 16)
+    model = trained(SmallResNet(), x)
+    frozen = freeze_batchnorm(model)
+    assert isinstance(frozen.stem[1], FrozenBatchNorm2d) and isinstance(
+        model.stem[1], nn.BatchNorm2d
+    )
+    assert list(frozen.state_dict()) == list(model.state_dict())
+    frozen.train()
+    stats = frozen.stem[1].running_mean.clone()
+    out = frozen(x)
+    assert torch.equal(frozen.stem[1].running_mean, stats), "no statistics update in training mode"
+    with torch.no_grad():
+        assert _relative(out, model(x)) < 1e-6
+    assert not any(
+        p.requires_grad for n, p in frozen.named_parameters() if "bn" in n or "after_relu" in n
+    )
+    assert all(not isinstance(b, torch.nn.Parameter) for b in frozen.stem[1].buffers())
+    model.load_state_dict(frozen.state_dict())  # and back
+    x.requires_grad_()
+    frozen(x).sum().backward()
+    assert x.grad is not None
+    in_place = freeze_batchnorm(model, inplace=True)
+    assert in_place is model and isinstance(model.stem[1], FrozenBatchNorm2d)
+    with pytest.raises(ValueError, match="expected at least one BatchNorm layer to freeze"):
+        freeze_batchnorm(nn.Linear(2, 2))
+
+
+def test_recalibrate_uses_the_population_estimator():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(3, 4), bnn.BatchNorm1d(4, momentum=0.9), nn.Dropout(0.5)
+    ).train()
+    batches = [torch.randn(8, 3) * (i + 1) for i in range(6)]
+    for batch in batches:  # high momentum: running stats track only the last batches
+        model(batch)
+    model.eval()
+    recalibrate(model, batches, progress=False)
+    with torch.no_grad():
+        z = [model[0](b) for b in batches]
+    means = torch.stack([t.mean(0) for t in z]).numpy()
+    variances = torch.stack([t.var(0, correction=0) for t in z]).numpy()
+    want_mean, want_var = population_statistics(means, variances, batch_size=8)
+    torch.testing.assert_close(
+        model[1].running_mean.double(), torch.from_numpy(want_mean), rtol=1e-5, atol=1e-6
+    )
+    torch.testing.assert_close(
+        model[1].running_var.double(), torch.from_numpy(want_var), rtol=1e-5, atol=1e-6
+    )
+    assert not model.training and not model[2].training and model[1].momentum == 0.9
+    weights = model[0].weight.clone()
+    recalibrate(model, ((b, None) for b in batches), num_batches=2, progress=False)
+    assert torch.equal(model[0].weight, weights)
+
+
+def test_recalibrate_bad_input_keeps_statistics():
+    model = mlp().eval()
+    before = model[1].running_mean.clone()
+    with pytest.raises(
+        ValueError, match="batches: expected at least one batch, the iterator was empty"
+    ):
+        recalibrate(model, iter([]), progress=False)
+    assert torch.equal(model[1].running_mean, before)
+    with pytest.raises(ValueError, match="expected BatchNorm layers with running statistics"):
+        recalibrate(nn.Linear(2, 2), [torch.randn(2, 2)], progress=False)
+    with pytest.raises(ValueError, match="num_batches: expected a positive integer"):
+        recalibrate(model, [torch.randn(2, 10)], num_batches=0, progress=False)
