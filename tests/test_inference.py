@@ -80,7 +80,7 @@ def test_fold_warns_for_training_mode_and_rejects_models_without_bn():
         fold_batchnorm(mlp().train())
     with pytest.raises(ValueError, match="expected at least one BatchNorm layer to fold"):
         fold_batchnorm(nn.Sequential(nn.Linear(2, 2)))
-    with pytest.raises(TypeError, match="model: expected a torch.nn.Module"):
+    with pytest.raises(TypeError, match=r"model: expected a torch\.nn\.Module"):
         fold_batchnorm("model.pt")
 
 
@@ -157,3 +157,62 @@ def test_recalibrate_bad_input_keeps_statistics():
         recalibrate(nn.Linear(2, 2), [torch.randn(2, 2)], progress=False)
     with pytest.raises(ValueError, match="num_batches: expected a positive integer"):
         recalibrate(model, [torch.randn(2, 10)], num_batches=0, progress=False)
+
+
+def test_export_onnx_runs_in_onnxruntime(tmp_path):
+    from bnlab.inference import export_onnx, run_onnx
+
+    x = torch.randn(4, 3, 16, 16)
+    model = trained(SmallResNet(), x)
+    path = export_onnx(model, x, tmp_path / "model.onnx")
+    bigger = torch.randn(7, 3, 16, 16)  # the batch dimension is dynamic
+    with torch.no_grad():
+        assert _relative(run_onnx(path, bigger), model(bigger)) < 1e-5
+    frozen = freeze_batchnorm(trained(mlp(), torch.randn(6, 10)))
+    path = export_onnx(frozen, torch.randn(2, 10), tmp_path / "mlp.onnx", fold=False)
+    five = torch.randn(5, 10)
+    with torch.no_grad():
+        assert _relative(run_onnx(path, five), frozen(five)) < 1e-5
+    with pytest.raises(TypeError, match="example: expected an input Tensor"):
+        export_onnx(model, [1, 2], tmp_path / "x.onnx")
+
+
+def test_time_inference_measures_both_models():  # the speed-up is reported, not asserted
+    from bnlab.inference import time_inference
+
+    x = torch.randn(8, 3, 32, 32)
+    model = trained(SmallResNet(), x)
+    folded = fold_batchnorm(model)
+    assert time_inference(model, x, repeats=3) > 0 and time_inference(folded, x, repeats=3) > 0
+
+
+def test_cli_fold_full_model_torchscript_and_bad_files(tmp_path):
+    from typer.testing import CliRunner
+
+    from bnlab.cli import app
+    from bnlab.inference import to_torch_batchnorm
+
+    runner = CliRunner()
+    x = torch.randn(4, 3, 16, 16)
+    model = trained(SmallResNet(), x)
+    torch.save(model, tmp_path / "model.pt")
+    result = runner.invoke(
+        app, ["fold", str(tmp_path / "model.pt"), "-o", str(tmp_path / "folded.pt")]
+    )
+    assert result.exit_code == 0, result.output
+    assert "folded 5 BatchNorm layer(s)" in result.output and "kept after_relu" in result.output
+    folded = torch.load(tmp_path / "folded.pt", weights_only=False)
+    with torch.no_grad():
+        assert _relative(folded(x), model(x)) < 1e-5
+
+    scripted = torch.jit.script(to_torch_batchnorm(trained(mlp(), torch.randn(6, 10))))
+    scripted.save(str(tmp_path / "script.pt"))
+    result = runner.invoke(app, ["fold", str(tmp_path / "script.pt"), "-o", str(tmp_path / "s.pt"), "--input-shape", "4,10"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "2 batch_norm op(s) before, 0 after" in result.output
+
+    torch.save(model.state_dict(), tmp_path / "weights.pt")
+    (tmp_path / "notes.txt").write_text("hello")
+    for name, message in (("weights.pt", "holds a dict (a state_dict?)"), ("notes.txt", "not a PyTorch model file"), ("none.pt", "file not found")):  # fmt: skip
+        result = runner.invoke(app, ["fold", str(tmp_path / name), "-o", str(tmp_path / "out.pt")])
+        assert result.exit_code == 2 and message in result.output, result.output

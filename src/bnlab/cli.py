@@ -182,3 +182,27 @@ def tuned(ctx: typer.Context) -> None:
     except (ValueError, OSError) as error:
         console.print(f"[red]error:[/red] {error}")
         raise typer.Exit(2) from None
+
+
+@app.command()
+def fold(
+    model_file: Path = typer.Argument(
+        ..., help="A model saved with torch.save(model) or TorchScript."
+    ),
+    output: Path = typer.Option(..., "-o", "--output", help="Where to write the folded model."),
+    input_shape: str = typer.Option(None, help="Input shape for timing, e.g. 1,3,224,224."),
+) -> None:
+    """Fold BatchNorm into the preceding conv/linear layers of a saved model."""
+    from bnlab.foldfile import fold_file
+
+    try:
+        shape = tuple(int(s) for s in input_shape.split(",")) if input_shape else None
+        result = fold_file(model_file, output, shape)
+    except (ValueError, FileNotFoundError, TypeError) as error:
+        console.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(2) from None
+    console.print(result["summary"])
+    console.print(
+        f"inference on {result['input_shape']}: {result['original_ms']:.3f} ms -> "
+        f"{result['folded_ms']:.3f} ms ({result['speedup']:.2f}×); written {output}"
+    )

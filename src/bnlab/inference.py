@@ -313,3 +313,74 @@ def recalibrate(
         for bn, momentum in momenta.items():
             bn.momentum = momentum
     return model
+
+
+def to_torch_batchnorm(model: nn.Module) -> nn.Module:
+    """A copy in which bnlab's BatchNorm and frozen BN layers are torch's (same state), so
+    that exporters and TorchScript, which know torch's layers, can handle the model."""
+    target = copy.deepcopy(model)
+    for name, module in list(target.named_modules()):
+        if not isinstance(module, (bnn.batchnorm._BatchNorm, _FrozenBatchNorm)):
+            continue
+        dims = {FrozenBatchNorm1d: 1, FrozenBatchNorm3d: 3}.get(type(module), 2)
+        if isinstance(module, bnn.batchnorm._BatchNorm):
+            dims = {bnn.BatchNorm1d: 1, bnn.BatchNorm3d: 3}.get(type(module), 2)
+        cls = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dims]
+        affine = getattr(module, "affine", True)
+        tracked = module.running_mean is not None
+        replacement = cls(module.num_features, module.eps, getattr(module, "momentum", 0.1), affine, tracked)  # fmt: skip
+        replacement.load_state_dict(module.state_dict())
+        replacement.train(module.training)
+        if name:
+            _set_submodule(target, name, replacement)
+        else:
+            target = replacement
+    return target
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor, path, fold: bool = True):
+    """Fold (optionally), then export ``model`` to ONNX at ``path`` (written atomically);
+    the batch dimension is dynamic. Needs the ``onnx`` package (``pip install bnlab[onnx]``)."""
+    import io
+    from pathlib import Path
+
+    from bnlab.files import atomic_write_bytes
+
+    if not isinstance(example, torch.Tensor):
+        raise TypeError(f"example: expected an input Tensor, got {type(example).__name__}")
+    has_bn = any(is_batchnorm(m) for m in model.modules())
+    prepared = fold_batchnorm(model) if fold and has_bn else copy.deepcopy(model).eval()
+    prepared = to_torch_batchnorm(prepared).eval()
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript-based exporter
+        torch.onnx.export(
+            prepared, (example,), buffer, dynamo=False, input_names=["input"],
+            output_names=["output"], dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+        )  # fmt: skip
+    return atomic_write_bytes(Path(path), buffer.getvalue())
+
+
+def run_onnx(path, example: torch.Tensor) -> torch.Tensor:
+    """Run an exported model in onnxruntime on the CPU."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return torch.from_numpy(session.run(None, {name: example.detach().numpy()})[0])
+
+
+def time_inference(model: nn.Module, example: torch.Tensor, repeats: int = 30) -> float:
+    """Median milliseconds of one eval-mode forward pass (no grad), after warm-up."""
+    import statistics
+    import time
+
+    model = model.eval()
+    times = []
+    with torch.no_grad():
+        for i in range(repeats + 3):
+            started = time.perf_counter()
+            model(example)
+            if i >= 3:
+                times.append(time.perf_counter() - started)
+    return 1e3 * statistics.median(times)

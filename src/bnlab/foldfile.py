@@ -1,0 +1,99 @@
+"""``bnlab fold``: fold the BatchNorms of a saved model file and save the result.
+
+Full models saved with ``torch.save(model)`` are folded by :func:`bnlab.inference.fold_batchnorm`;
+TorchScript files by ``torch.jit.freeze``, which folds conv–BN pairs in the script graph.
+Loading a pickled model runs code from the file: fold only files you trust.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+import zipfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bnlab.files import atomic_write_bytes
+from bnlab.inference import fold_batchnorm, is_batchnorm, time_inference
+
+
+def load_model(path: Path) -> nn.Module | torch.jit.ScriptModule:
+    """A full model from ``torch.save`` or a TorchScript file; clear errors for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found (expected a model saved with torch.save or torch.jit.save)")  # fmt: skip
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            if any(name.endswith("/code/__torch__.py") or "/code/" in name for name in archive.namelist()):  # fmt: skip
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    return torch.jit.load(str(path), map_location="cpu")
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:
+        raise ValueError(f"{path}: not a PyTorch model file ({type(error).__name__}: {error})") from error  # fmt: skip
+    if isinstance(loaded, dict):
+        raise ValueError(
+            f"{path}: holds a dict (a state_dict?), not a model; save the whole model with "
+            "torch.save(model) or torch.jit.save(torch.jit.script(model))"
+        )
+    if not isinstance(loaded, nn.Module):
+        raise ValueError(f"{path}: holds a {type(loaded).__name__}, not a torch.nn.Module")
+    return loaded
+
+
+def example_input(model: nn.Module, shape: tuple[int, ...] | None) -> torch.Tensor:
+    """An input for timing: ``shape`` if given, else guessed from the first conv/linear layer."""
+    if shape is not None:
+        return torch.randn(shape)
+    for module in model.modules():
+        if isinstance(module, nn.Conv1d):
+            return torch.randn(8, module.in_channels, 64)
+        if isinstance(module, nn.Conv2d):
+            return torch.randn(8, module.in_channels, 32, 32)
+        if isinstance(module, nn.Conv3d):
+            return torch.randn(8, module.in_channels, 8, 16, 16)
+        if isinstance(module, nn.Linear):
+            return torch.randn(8, module.in_features)
+    raise ValueError(
+        "input_shape: cannot guess an input for this model; pass --input-shape N,C,..."
+    )
+
+
+def _script_batchnorm_count(module: torch.jit.ScriptModule) -> int:
+    graph = module.inlined_graph if hasattr(module, "inlined_graph") else module.graph
+    return sum(1 for node in graph.nodes() if node.kind() == "aten::batch_norm")
+
+
+def fold_file(source: Path, target: Path, input_shape: tuple[int, ...] | None = None) -> dict:
+    """Fold ``source`` into ``target``; returns what was folded and the measured speed-up."""
+    model = load_model(source)
+    if isinstance(model, torch.jit.ScriptModule):
+        model = model.eval()
+        before = _script_batchnorm_count(model)
+        buffer = io.BytesIO()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            folded = torch.jit.freeze(model)
+            torch.jit.save(folded, buffer)
+        after = _script_batchnorm_count(folded)
+        summary = f"TorchScript: {before} batch_norm op(s) before, {after} after torch.jit.freeze"
+        x = example_input(model, input_shape) if input_shape else None
+        if x is None:
+            raise ValueError(
+                "input_shape: TorchScript models need --input-shape N,C,... for timing"
+            )
+    else:
+        folded = fold_batchnorm(model.eval())
+        summary = str(folded.fold_report)
+        if any(is_batchnorm(m) for m in folded.modules()) and not folded.fold_report.folded:
+            summary += "\n(nothing was foldable)"
+        buffer = io.BytesIO()
+        torch.save(folded, buffer)
+        x = example_input(model, input_shape)
+    atomic_write_bytes(target, buffer.getvalue())
+    original_ms, folded_ms = time_inference(model, x), time_inference(folded, x)
+    return {"summary": summary, "input_shape": tuple(x.shape), "original_ms": original_ms,
+            "folded_ms": folded_ms, "speedup": original_ms / folded_ms}  # fmt: skip
