@@ -219,3 +219,47 @@ def test_bad_input_is_named(kwargs, error, match):
     args.update(kwargs)
     with pytest.raises(error, match=match):
         batch_norm(**args)
+
+
+def _poisoned():
+    x = torch.randn(8, 3, 4)
+    x[1, 2, 0] = float("nan")
+    return x
+
+
+def test_nonfinite_raise_keeps_running_stats_and_names_channels():
+    running_mean, running_var = torch.zeros(3), torch.ones(3)
+    with pytest.raises(
+        FloatingPointError, match=r"channel\(s\) \[2\]; running statistics left unchanged"
+    ):
+        batch_norm(_poisoned(), running_mean, running_var, training=True, nonfinite="raise")
+    assert torch.equal(running_mean, torch.zeros(3)) and torch.equal(running_var, torch.ones(3))
+
+
+def test_nonfinite_propagate_writes_like_torch():
+    ours = (torch.zeros(3), torch.ones(3))
+    theirs = (torch.zeros(3), torch.ones(3))
+    x = _poisoned()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        batch_norm(x, *ours, training=True, nonfinite="propagate")
+    torch.nn.functional.batch_norm(x, *theirs, training=True)
+    torch.testing.assert_close(ours[0], theirs[0], equal_nan=True)
+    assert torch.isnan(ours[0][2]) and torch.isnan(ours[1][2])
+
+
+def test_nonfinite_policy_on_modules_and_bad_value():
+    from bnlab import nn as bnn
+
+    bn = bnn.BatchNorm1d(3, nonfinite="raise")
+    assert "nonfinite='raise'" in repr(bn)
+    with pytest.raises(FloatingPointError):
+        bn(_poisoned())
+    assert torch.isfinite(bn.running_mean).all()
+    with pytest.raises(
+        ValueError,
+        match=r"nonfinite: expected one of \('skip', 'raise', 'propagate'\), got 'ignore'",
+    ):
+        bnn.BatchNorm1d(3, nonfinite="ignore")
+    with pytest.raises(ValueError, match="nonfinite: expected one of"):
+        batch_norm(torch.randn(4, 3), None, None, training=True, nonfinite="x")

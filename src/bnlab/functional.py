@@ -113,12 +113,23 @@ def batch_stats(xa: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return shift, mean_d, var
 
 
-def warn_nonfinite(finite: Tensor) -> None:
-    """Say which channels had non-finite batch statistics (their running stats were kept)."""
+NONFINITE_POLICIES = ("skip", "raise", "propagate")
+_NO_GRADS = (None,) * 6  # running_mean, running_var, training, momentum, eps, nonfinite
+
+
+def report_nonfinite(finite: Tensor, policy: str) -> None:
+    """Warn ('skip') or raise ('raise') naming the channels whose batch statistics are not
+    finite; in both cases their running statistics have been left unchanged."""
     bad = (~finite).nonzero().flatten().tolist()
+    channels = f"{bad[:10]}{'...' if len(bad) > 10 else ''}"
+    if policy == "raise":
+        raise FloatingPointError(
+            f"batch_norm: non-finite batch statistics in channel(s) {channels}; running "
+            "statistics left unchanged (nonfinite='raise')"
+        )
     warnings.warn(
-        f"batch_norm: non-finite batch statistics in channel(s) {bad[:10]}"
-        f"{'...' if len(bad) > 10 else ''}; their running statistics were not updated",
+        f"batch_norm: non-finite batch statistics in channel(s) {channels}; their running "
+        "statistics were not updated",
         RuntimeWarning,
         stacklevel=4,
     )
@@ -131,16 +142,18 @@ def update_running_stats(
     var: Tensor,
     count: int,
     momentum: float,
+    nonfinite: str = "skip",
 ) -> None:
     """``running = (1 - momentum) * running + momentum * batch`` with the unbiased variance.
 
-    Channels whose batch statistics are not finite keep their running values (with a warning).
+    Channels whose batch statistics are not finite keep their running values, with a warning
+    (``nonfinite='skip'``) or an error ('raise'); 'propagate' writes them, as torch does.
     """
     unbiased = var * (count / (count - 1))
     finite = torch.isfinite(mean) & torch.isfinite(unbiased)
-    all_finite = bool(finite.all())
+    all_finite = nonfinite == "propagate" or bool(finite.all())
     if not all_finite:
-        warn_nonfinite(finite)
+        report_nonfinite(finite, nonfinite)
     for running, batch in ((running_mean, mean), (running_var, unbiased)):
         if running is None:
             continue
@@ -156,14 +169,14 @@ class _BatchNormFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, input, weight, bias, running_mean, running_var, training, momentum, eps):
+    def forward(ctx, input, weight, bias, running_mean, running_var, training, momentum, eps, nonfinite):  # fmt: skip
         acc = _compute_dtype(input.dtype)
         xa = input.to(acc)
         if training:
             shift, mean_d, var = batch_stats(xa)
             invstd = torch.rsqrt(var + eps)
             count = input.numel() // input.shape[1]
-            update_running_stats(running_mean, running_var, shift + mean_d, var, count, momentum)
+            update_running_stats(running_mean, running_var, shift + mean_d, var, count, momentum, nonfinite)  # fmt: skip
         else:
             shift = running_mean.to(acc, copy=True)  # later in-place updates must not leak
             mean_d = torch.zeros_like(shift)
@@ -213,19 +226,20 @@ class _BatchNormFunction(torch.autograd.Function):
             grad_weight = sum_dy_xhat.to(weight.dtype)
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
             grad_bias = sum_dy.to(ctx.bias_dtype)
-        return grad_input, grad_weight, grad_bias, None, None, None, None, None
+        return grad_input, grad_weight, grad_bias, *_NO_GRADS
 
 
-def _fused_forward(input, weight, bias, running_mean, running_var, training, momentum, eps, save):
+def _fused_forward(input, weight, bias, running_mean, running_var, training, momentum, eps, nonfinite, save):  # fmt: skip
     """One fused forward: ``(out, shift, mean_d, invstd)`` (the last three only if ``save``)."""
     ops = kernels.load()
     out = kernels.empty_like(input)
     if training:
-        shift, mean_d, invstd, nonfinite = ops.forward_train(
-            input, weight, bias, running_mean, running_var, momentum, eps, out
-        )
-        if nonfinite and (running_mean is not None or running_var is not None):
-            warn_nonfinite(torch.isfinite(mean_d) & torch.isfinite(invstd))
+        shift, mean_d, invstd, bad = ops.forward_train(
+            input, weight, bias, running_mean, running_var, momentum, eps, out,
+            nonfinite != "propagate",
+        )  # fmt: skip
+        if bad and nonfinite != "propagate" and running_mean is not None:
+            report_nonfinite(torch.isfinite(mean_d) & torch.isfinite(invstd), nonfinite)
         return out, shift, mean_d, invstd
     shift, invstd = ops.forward_eval(input, weight, bias, running_mean, running_var, eps, out, save)
     return out, shift, (torch.zeros_like(shift) if save else None), invstd
@@ -239,9 +253,9 @@ class _FusedBatchNormFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, input, weight, bias, running_mean, running_var, training, momentum, eps):
+    def forward(ctx, input, weight, bias, running_mean, running_var, training, momentum, eps, nonfinite):  # fmt: skip
         out, shift, mean_d, invstd = _fused_forward(
-            input, weight, bias, running_mean, running_var, training, momentum, eps, True
+            input, weight, bias, running_mean, running_var, training, momentum, eps, nonfinite, True
         )
         ctx.save_for_backward(input, weight, shift, mean_d, invstd)
         ctx.training, ctx.eps = training, eps
@@ -264,7 +278,7 @@ class _FusedBatchNormFunction(torch.autograd.Function):
         )  # fmt: skip
         grad_weight = sum_dy_xhat if need_weight else None
         grad_bias = sum_dy.to(ctx.bias_dtype) if need_bias else None
-        return grad_input, grad_weight, grad_bias, None, None, None, None, None
+        return grad_input, grad_weight, grad_bias, *_NO_GRADS
 
 
 def _needs_graph(input: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
@@ -286,6 +300,8 @@ def batch_norm(
     training: bool = False,
     momentum: float = 0.1,
     eps: float = 1e-5,
+    *,
+    nonfinite: str = "skip",
 ) -> Tensor:
     """Batch normalization, a drop-in for ``torch.nn.functional.batch_norm``.
 
@@ -293,15 +309,22 @@ def batch_norm(
     statistics in training and running statistics otherwise. ``momentum`` is the weight of
     the *new* batch statistic (torch's convention).
 
+    ``nonfinite`` guards the running statistics against a batch with NaN/Inf statistics:
+    'skip' (default) keeps the affected channels' running values and warns, 'raise' keeps
+    them and raises ``FloatingPointError``, 'propagate' writes them as torch does. The
+    output propagates NaN/Inf in every case, as torch's does.
+
     Shape: input (N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W); the other tensors (C,).
     """
     check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    if nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(f"nonfinite: expected one of {NONFINITE_POLICIES}, got {nonfinite!r}")
     if input.device.type != "cpu" or input.numel() == 0:
         # Other devices use torch's native kernel; an empty batch leaves the statistics alone.
         return torch.nn.functional.batch_norm(
             input, running_mean, running_var, weight, bias, training, momentum, eps
         )
-    args = (input, weight, bias, running_mean, running_var, training, momentum, eps)
+    args = (input, weight, bias, running_mean, running_var, training, momentum, eps, nonfinite)
     if not kernels.usable(input):
         return _BatchNormFunction.apply(*args)
     if _needs_graph(input, weight, bias):

@@ -278,11 +278,13 @@ void update_running(at::Tensor running, const std::vector<double>& batch, double
 
 // Training forward: statistics, running-statistics update and normalization, writing `out`.
 // Returns (shift, mean - shift, invstd) in the compute dtype and the number of channels
-// whose batch statistics were not finite (their running statistics are left unchanged).
+// whose batch statistics were not finite (left unchanged in the running statistics when
+// `skip_nonfinite`, written as they are otherwise, as torch does).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> forward_train(
     const at::Tensor& x, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
-    const c10::optional<at::Tensor>& running_var, double momentum, double eps, at::Tensor out) {
+    const c10::optional<at::Tensor>& running_var, double momentum, double eps, at::Tensor out,
+    bool skip_nonfinite) {
   const Geometry g = geometry(x);
   const int64_t C = g.C;
   const double n = static_cast<double>(x.numel() / C);
@@ -304,8 +306,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> forward_train(
       invstd[c] = 1.0 / std::sqrt(var[c] + eps);
       A[c] = static_cast<acc_t>(w[c] * invstd[c]);
       K[c] = static_cast<acc_t>(b[c] - mean_d[c] * w[c] * invstd[c]);
-      finite[c] = std::isfinite(mean_d[c]) && std::isfinite(s2[c]);
-      nonfinite += finite[c] ? 0 : 1;
+      const bool ok = std::isfinite(mean_d[c]) && std::isfinite(s2[c]);
+      nonfinite += ok ? 0 : 1;
+      finite[c] = ok || !skip_nonfinite;  // channels allowed to update their running stats
     }
     channel_affine<scalar_t, false, true>(g, xp, nullptr, shift.data(), nullptr, A.data(), K.data(),
                                           out.data_ptr<scalar_t>());

@@ -17,7 +17,11 @@ from bnlab import functional as F
 
 
 class _NormBase(nn.Module):
-    """Parameters, buffers, resets and checkpoint compatibility shared by bnlab's norms."""
+    """Parameters, buffers, resets and checkpoint compatibility shared by bnlab's norms.
+
+    ``nonfinite`` ('skip', 'raise' or 'propagate') is what a batch with NaN/Inf statistics
+    does to the running statistics; see :func:`bnlab.functional.batch_norm`.
+    """
 
     _version = 2
     __constants__: ClassVar[list[str]] = [
@@ -40,8 +44,11 @@ class _NormBase(nn.Module):
         dtype=None,
         *,
         bias: bool = True,
+        nonfinite: str = "skip",
     ) -> None:
         _check_hyperparameters(num_features, eps, momentum)
+        if nonfinite not in F.NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite: expected one of {F.NONFINITE_POLICIES}, got {nonfinite!r}")  # fmt: skip
         factory = {"device": device, "dtype": dtype}
         super().__init__()
         self.num_features = num_features
@@ -49,6 +56,7 @@ class _NormBase(nn.Module):
         self.momentum = momentum
         self.affine = affine
         self.track_running_stats = track_running_stats
+        self.nonfinite = nonfinite
         if affine:
             self.weight = nn.Parameter(torch.empty(num_features, **factory))
             self.bias = nn.Parameter(torch.empty(num_features, **factory)) if bias else None
@@ -87,6 +95,7 @@ class _NormBase(nn.Module):
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
             f"affine={self.affine}, bias={self.bias is not None}, "
             f"track_running_stats={self.track_running_stats}"
+            + ("" if self.nonfinite == "skip" else f", nonfinite={self.nonfinite!r}")
         )
 
     def _check_input(self, input: Tensor) -> None:
@@ -154,6 +163,7 @@ class _BatchNorm(_NormBase):
             use_batch_stats,
             momentum,
             self.eps,
+            nonfinite=self.nonfinite,
         )
 
 
