@@ -234,11 +234,15 @@ def _fused_forward(input, weight, bias, running_mean, running_var, training, mom
     ops = kernels.load()
     out = kernels.empty_like(input)
     if training:
+        running = [t for t in (running_mean, running_var) if t is not None]
+        before = [t.clone() for t in running] if nonfinite == "raise" else []
         shift, mean_d, invstd, bad = ops.forward_train(
             input, weight, bias, running_mean, running_var, momentum, eps, out,
             nonfinite != "propagate",
         )  # fmt: skip
-        if bad and nonfinite != "propagate" and running_mean is not None:
+        if bad and nonfinite != "propagate" and running:
+            for t, old in zip(running, before, strict=False):  # 'raise' leaves every channel
+                t.copy_(old)
             report_nonfinite(torch.isfinite(mean_d) & torch.isfinite(invstd), nonfinite)
         return out, shift, mean_d, invstd
     shift, invstd = ops.forward_eval(input, weight, bias, running_mean, running_var, eps, out, save)

@@ -302,7 +302,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> forward_train(
     std::vector<acc_t> A(C), K(C);
     for (int64_t c = 0; c < C; ++c) {
       mean_d[c] = s1[c] / n;
-      var[c] = std::max(0.0, s2[c] / n - mean_d[c] * mean_d[c]);
+      var[c] = s2[c] / n - mean_d[c] * mean_d[c];
+      if (var[c] < 0.0) var[c] = 0.0;  // rounding; NaN stays NaN (std::max would hide it)
       invstd[c] = 1.0 / std::sqrt(var[c] + eps);
       A[c] = static_cast<acc_t>(w[c] * invstd[c]);
       K[c] = static_cast<acc_t>(b[c] - mean_d[c] * w[c] * invstd[c]);
