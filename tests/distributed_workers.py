@@ -1,0 +1,52 @@
+"""Worker functions for the multi-process tests (importable by spawned processes)."""
+
+import datetime
+
+import torch
+import torch.distributed as dist
+
+
+def sync_bn_worker(
+    rank: int, world: int, port: int, sizes: list[int], seed: int, out_dir: str
+) -> None:
+    """Run SyncBatchNorm on this rank's slice of a seeded global batch; save what it saw."""
+    from bnlab.nn import SyncBatchNorm
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))  # fmt: skip
+    try:
+        g = torch.Generator().manual_seed(seed)
+        total = sum(sizes)
+        x = torch.randn(total, 3, 4, 5, generator=g, dtype=torch.float64) * 2 + 1e3
+        dy = torch.randn(total, 3, 4, 5, generator=g, dtype=torch.float64)
+        start = sum(sizes[:rank])
+        local = x[start : start + sizes[rank]].clone().requires_grad_()
+        bn = SyncBatchNorm(3, momentum=0.3, dtype=torch.float64)
+        with torch.no_grad():
+            bn.weight.copy_(torch.tensor([0.5, 1.0, 2.0]))
+            bn.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+        out = bn(local)
+        out.backward(dy[start : start + sizes[rank]])
+        torch.save({"out": out.detach(), "grad": local.grad, "weight_grad": bn.weight.grad,
+                    "bias_grad": bn.bias.grad, "running_mean": bn.running_mean,
+                    "running_var": bn.running_var, "count": bn.num_batches_tracked}, f"{out_dir}/rank{rank}.pt")  # fmt: skip
+    finally:
+        dist.destroy_process_group()
+
+
+def sync_bn_expect_error(rank: int, world: int, port: int, out_dir: str) -> None:
+    """A global batch of one value per channel must fail on every rank, not hang."""
+    from bnlab.nn import SyncBatchNorm
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))  # fmt: skip
+    try:
+        bn = SyncBatchNorm(2)
+        local = torch.randn(1 if rank == 0 else 0, 2)
+        try:
+            bn(local)
+            message = "no error"
+        except ValueError as error:
+            message = str(error)
+        with open(f"{out_dir}/rank{rank}.txt", "w") as handle:
+            handle.write(message)
+    finally:
+        dist.destroy_process_group()

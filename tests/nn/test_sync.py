@@ -1,0 +1,78 @@
+"""SyncBatchNorm across 2 and 3 gloo processes with uneven batches, conversion helpers."""
+
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from bnlab import nn as bnn
+from distributed_workers import sync_bn_expect_error, sync_bn_worker
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("sizes", [[5, 3], [5, 3, 0]])
+def test_sync_bn_equals_bn_on_the_concatenated_batch(tmp_path, sizes):
+    seed = 11
+    mp.start_processes(sync_bn_worker, args=(len(sizes), _free_port(), sizes, seed, str(tmp_path)), nprocs=len(sizes), start_method="spawn")  # fmt: skip
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(len(sizes))]
+    g = torch.Generator().manual_seed(seed)
+    total = sum(sizes)
+    x = (torch.randn(total, 3, 4, 5, generator=g, dtype=torch.float64) * 2 + 1e3).requires_grad_()
+    dy = torch.randn(total, 3, 4, 5, generator=g, dtype=torch.float64)
+    bn = torch.nn.BatchNorm2d(3, momentum=0.3, dtype=torch.float64)
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([0.5, 1.0, 2.0]))
+        bn.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+    out = bn(x)
+    out.backward(dy)
+    tol = 1e-5
+    assert (torch.cat([r["out"] for r in results]) - out).abs().max() <= tol
+    assert (torch.cat([r["grad"] for r in results]) - x.grad).abs().max() <= tol
+    assert (sum(r["weight_grad"] for r in results) - bn.weight.grad).abs().max() <= tol
+    assert (sum(r["bias_grad"] for r in results) - bn.bias.grad).abs().max() <= tol
+    for r in results:
+        assert (r["running_mean"] - bn.running_mean).abs().max() <= tol
+        assert (r["running_var"] - bn.running_var).abs().max() <= tol
+        assert r["count"].item() == 1
+    assert results[-1]["out"].shape[0] == sizes[-1]
+
+
+def test_global_batch_of_one_fails_on_every_rank(tmp_path):
+    mp.start_processes(sync_bn_expect_error, args=(2, _free_port(), str(tmp_path)), nprocs=2, start_method="spawn")  # fmt: skip
+    for rank in range(2):
+        message = (tmp_path / f"rank{rank}.txt").read_text()
+        assert (
+            "Expected more than 1 value per channel when training, got 1 in the global batch"
+            in message
+        )
+
+
+def test_single_process_falls_back_to_batchnorm():
+    x = torch.randn(8, 4, 3)
+    sync, plain = bnn.SyncBatchNorm(4), bnn.BatchNorm1d(4)
+    torch.testing.assert_close(sync(x), plain(x))
+    torch.testing.assert_close(sync.running_var, plain.running_var)
+    sync.eval()
+    torch.testing.assert_close(sync(x), plain.eval()(x))
+
+
+def test_convert_and_revert_keep_state_and_classes():
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4), bnn.BatchNorm1d(5, nonfinite="raise")
+    )
+    model[1](torch.randn(6, 4, 2, 2) * 3)
+    converted = bnn.convert_sync_batchnorm(model)
+    assert isinstance(converted[1], bnn.SyncBatchNorm) and isinstance(
+        converted[2], bnn.SyncBatchNorm
+    )
+    assert converted[2].nonfinite == "raise"
+    reverted = bnn.revert_sync_batchnorm(converted)
+    assert type(reverted[1]) is torch.nn.BatchNorm2d and type(reverted[2]) is bnn.BatchNorm1d
+    state = reverted[1].state_dict()
+    assert state["num_batches_tracked"].item() == 1 and state["running_var"].abs().sum() > 0
