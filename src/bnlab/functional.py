@@ -143,13 +143,15 @@ def update_running_stats(
     count: int,
     momentum: float,
     nonfinite: str = "skip",
+    correction: bool = True,
 ) -> None:
-    """``running = (1 - momentum) * running + momentum * batch`` with the unbiased variance.
+    """``running = (1 - momentum) * running + momentum * batch`` with the unbiased variance
+    (``var`` is the biased one of ``count`` values, or already unbiased if not ``correction``).
 
     Channels whose batch statistics are not finite keep their running values, with a warning
     (``nonfinite='skip'``) or an error ('raise'); 'propagate' writes them, as torch does.
     """
-    unbiased = var * (count / (count - 1))
+    unbiased = var * (count / (count - 1)) if correction else var
     finite = torch.isfinite(mean) & torch.isfinite(unbiased)
     all_finite = nonfinite == "propagate" or bool(finite.all())
     if not all_finite:
