@@ -63,7 +63,10 @@ def test_zeros_init():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"norm": "gn"}, r"norm: expected one of \('none', 'bn'\), got 'gn'"),
+        (
+            {"norm": "wn"},
+            r"norm: expected one of \('none', 'bn', 'ghost', 'renorm', 'gn', 'ln'\), got 'wn'",
+        ),
         ({"activation": "swish"}, "activation: expected one of"),
         ({"placement": "middle"}, "placement: expected one of"),
         ({"init": "orthogonal"}, "init: expected one of"),
@@ -81,3 +84,22 @@ def test_cnn_rejects_flat_input():
         ValueError, match=r"input_shape: expected \(C, L\) or \(C, H, W\), got \(2,\)"
     ):
         cnn((2,), 3)
+
+
+@pytest.mark.parametrize(
+    ("norm", "kind"),
+    [
+        ("ghost", bnn.GhostBatchNorm2d),
+        ("renorm", bnn.BatchRenorm2d),
+        ("gn", nn.GroupNorm),
+        ("ln", nn.GroupNorm),
+    ],
+)
+def test_other_norms(norm, kind):
+    model = cnn((1, 8, 8), 10, channels=(12,), hidden=6, norm=norm, norm_options={"warmup_steps": 0} if norm == "renorm" else None)  # fmt: skip
+    layer = next(m for m in model if isinstance(m, kind))
+    if norm == "gn":
+        assert layer.num_groups == 4  # gcd(12, 8)
+    if norm == "ln":
+        assert layer.num_groups == 1
+    assert model(torch.randn(4, 1, 8, 8)).shape == (4, 10)

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from bnlab import nn as bnn
 
-NORMS = ("none", "bn")
+NORMS = ("none", "bn", "ghost", "renorm", "gn", "ln")
 ACTIVATIONS = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "gelu": nn.GELU}
 INITS = ("default", "normal", "zeros", "glorot_normal", "glorot_uniform", "he_normal", "he_uniform")
 PLACEMENTS = ("before", "after")
@@ -25,15 +26,31 @@ def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
         raise ValueError(f"{name}: expected one of {tuple(choices)}, got {value!r}")
 
 
-def make_norm(norm: str, num_features: int, spatial_dims: int, impl: str = "bnlab") -> nn.Module:
-    """A normalization layer for ``spatial_dims`` = 0 (vectors), 1 or 2."""
+def make_norm(
+    norm: str, num_features: int, spatial_dims: int, impl: str = "bnlab", **options
+) -> nn.Module:
+    """A normalization layer for ``spatial_dims`` = 0 (vectors), 1 or 2.
+
+    'bn' BatchNorm (bnlab's, or torch's with ``impl='torch'``), 'ghost' Ghost BN
+    (``virtual_batch_size`` option, default 8), 'renorm' Batch Renorm (its schedule options),
+    'gn' GroupNorm (``groups`` option, default 8, reduced to divide the channels), 'ln'
+    LayerNorm over (C, *) as GroupNorm with one group, 'none' nothing.
+    """
     _check_choice("norm", norm, NORMS)
     _check_choice("impl", impl, ("bnlab", "torch"))
+    one_d = spatial_dims < 2
     if norm == "none":
         return nn.Identity()
-    source = bnn if impl == "bnlab" else nn
-    cls = {0: source.BatchNorm1d, 1: source.BatchNorm1d, 2: source.BatchNorm2d}[spatial_dims]
-    return cls(num_features)
+    if norm == "bn":
+        source = bnn if impl == "bnlab" else nn
+        return (source.BatchNorm1d if one_d else source.BatchNorm2d)(num_features)
+    if norm == "ghost":
+        cls = bnn.GhostBatchNorm1d if one_d else bnn.GhostBatchNorm2d
+        return cls(num_features, options.get("virtual_batch_size", 8))
+    if norm == "renorm":
+        return (bnn.BatchRenorm1d if one_d else bnn.BatchRenorm2d)(num_features, **options)
+    groups = math.gcd(num_features, options.get("groups", 8)) if norm == "gn" else 1
+    return nn.GroupNorm(groups, num_features)
 
 
 def init_weights(model: nn.Module, init: str, scale: float = 1.0) -> nn.Module:
@@ -70,25 +87,37 @@ def _fill(weight: torch.Tensor, init: str, std: float) -> None:
         weight.uniform_(-bound, bound)
 
 
-def _block(
-    layer, width, spatial_dims, norm, activation, placement, dropout, impl
-) -> list[nn.Module]:
-    """layer -> [BN] -> act -> [BN] -> [dropout], as ``placement`` says."""
-    modules = [layer]
-    bn = make_norm(norm, width, spatial_dims, impl)
-    act = ACTIVATIONS[activation]()
-    modules += [bn, act] if placement == "before" else [act, bn]
-    if dropout > 0:
-        modules.append(nn.Dropout(dropout))
-    return [m for m in modules if not isinstance(m, nn.Identity)]
+@dataclass(frozen=True)
+class BlockSpec:
+    """What follows each conv/linear layer: normalization, activation, their order, dropout."""
 
+    norm: str = "none"
+    activation: str = "relu"
+    placement: str = "before"
+    dropout: float = 0.0
+    impl: str = "bnlab"
+    norm_options: dict | None = None
 
-def _check_common(norm, activation, placement, dropout) -> None:
-    _check_choice("norm", norm, NORMS)
-    _check_choice("activation", activation, tuple(ACTIVATIONS))
-    _check_choice("placement", placement, PLACEMENTS)
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout}")
+    def __post_init__(self) -> None:
+        _check_choice("norm", self.norm, NORMS)
+        _check_choice("activation", self.activation, tuple(ACTIVATIONS))
+        _check_choice("placement", self.placement, PLACEMENTS)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout: expected a probability in [0, 1), got {self.dropout}")
+
+    @property
+    def layer_bias(self) -> bool:
+        """A layer directly followed by a normalization needs no bias of its own."""
+        return self.norm == "none" or self.placement == "after"
+
+    def block(self, layer: nn.Module, width: int, spatial_dims: int) -> list[nn.Module]:
+        """layer -> [norm] -> act -> [norm] -> [dropout], as ``placement`` says."""
+        norm = make_norm(self.norm, width, spatial_dims, self.impl, **(self.norm_options or {}))
+        act = ACTIVATIONS[self.activation]()
+        modules = [layer, *([norm, act] if self.placement == "before" else [act, norm])]
+        if self.dropout > 0:
+            modules.append(nn.Dropout(self.dropout))
+        return [m for m in modules if not isinstance(m, nn.Identity)]
 
 
 def mlp(
@@ -96,22 +125,20 @@ def mlp(
     hidden: Sequence[int],
     num_classes: int,
     *,
-    norm: str = "none",
-    activation: str = "relu",
     init: str = "default",
     init_scale: float = 1.0,
-    placement: str = "before",
-    dropout: float = 0.0,
-    impl: str = "bnlab",
+    **block,
 ) -> nn.Sequential:
-    """Flatten -> [Linear -> norm/act/dropout] per hidden width -> Linear to logits."""
-    _check_common(norm, activation, placement, dropout)
+    """Flatten -> [Linear -> norm/act/dropout] per hidden width -> Linear to logits.
+
+    ``block`` holds :class:`BlockSpec`'s fields: norm, activation, placement, dropout, impl,
+    norm_options.
+    """
+    spec = BlockSpec(**block)
     layers: list[nn.Module] = [nn.Flatten()]
     width = in_features
     for out in hidden:
-        bias = norm == "none" or placement == "after"
-        linear = nn.Linear(width, out, bias=bias)
-        layers += _block(linear, out, 0, norm, activation, placement, dropout, impl)
+        layers += spec.block(nn.Linear(width, out, bias=spec.layer_bias), out, 0)
         width = out
     layers.append(nn.Linear(width, num_classes))
     return init_weights(nn.Sequential(*layers), init, init_scale)
@@ -123,47 +150,31 @@ def cnn(
     *,
     channels: Sequence[int] = (16, 32),
     hidden: int = 64,
-    norm: str = "none",
-    activation: str = "relu",
     init: str = "default",
     init_scale: float = 1.0,
-    placement: str = "before",
-    dropout: float = 0.0,
-    impl: str = "bnlab",
+    **block,
 ) -> nn.Sequential:
     """[conv3 -> norm/act/dropout -> maxpool2] per channel width -> MLP head.
 
-    ``input_shape`` is (C, L) for 1-d signals or (C, H, W) for images.
+    ``input_shape`` is (C, L) for 1-d signals or (C, H, W) for images; ``block`` as in
+    :func:`mlp`.
     """
-    _check_common(norm, activation, placement, dropout)
+    spec = BlockSpec(**block)
     spatial_dims = len(input_shape) - 1
     if spatial_dims not in (1, 2):
         raise ValueError(f"input_shape: expected (C, L) or (C, H, W), got {tuple(input_shape)}")
-    conv_cls, pool_cls = (
-        (nn.Conv1d, nn.MaxPool1d) if spatial_dims == 1 else (nn.Conv2d, nn.MaxPool2d)
-    )
+    conv_cls, pool_cls = (nn.Conv1d, nn.MaxPool1d) if spatial_dims == 1 else (nn.Conv2d, nn.MaxPool2d)  # fmt: skip
     layers: list[nn.Module] = []
     width, size = input_shape[0], list(input_shape[1:])
     for out in channels:
-        bias = norm == "none" or placement == "after"
-        conv = conv_cls(width, out, kernel_size=3, padding=1, bias=bias)
-        layers += _block(conv, out, spatial_dims, norm, activation, placement, dropout, impl)
+        conv = conv_cls(width, out, kernel_size=3, padding=1, bias=spec.layer_bias)
+        layers += spec.block(conv, out, spatial_dims)
         if min(size) >= 2:
             layers.append(pool_cls(2))
             size = [s // 2 for s in size]
         width = out
     layers.append(nn.Flatten())
     features = width * math.prod(size)
-    bias = norm == "none" or placement == "after"
-    layers += _block(
-        nn.Linear(features, hidden, bias=bias),
-        hidden,
-        0,
-        norm,
-        activation,
-        placement,
-        dropout,
-        impl,
-    )
+    layers += spec.block(nn.Linear(features, hidden, bias=spec.layer_bias), hidden, 0)
     layers.append(nn.Linear(hidden, num_classes))
     return init_weights(nn.Sequential(*layers), init, init_scale)
