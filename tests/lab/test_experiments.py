@@ -8,7 +8,14 @@ import pytest
 from typer.testing import CliRunner
 
 from bnlab.cli import app
-from bnlab.lab.experiments import REGISTRY, convergence, init_sweep, mnist_cnn, train_eval_gap
+from bnlab.lab.experiments import (
+    REGISTRY,
+    batch_size,
+    convergence,
+    init_sweep,
+    mnist_cnn,
+    train_eval_gap,
+)
 from bnlab.lab.report import build_report
 from bnlab.lab.runner import latest_runs, load_run, run_experiment
 
@@ -31,6 +38,14 @@ TINY = {
     },
     "mnist-cnn": {"channels": (4,), "hidden": 8, "epochs": 2, "num_seeds": 1, "max_train": 200},
     "train-eval-gap": {"hidden": (16,), "steps": 30, "num_seeds": 2, "recalibration_batches": 3},
+    "batch-size": {
+        "batch_sizes": (2, 16),
+        "norms": ("bn", "renorm", "gn"),
+        "channels": (4,),
+        "epochs": 1,
+        "num_seeds": 1,
+        "max_train": 64,
+    },
 }
 
 
@@ -64,6 +79,8 @@ def test_experiment_runs_and_writes_everything(tmp_path, name):
         assert np.array(metrics["arms"]["bn"]["train_acc"]).shape == (2, 3)
     if name == "mnist-cnn":
         assert len(metrics["arms"]["bn"][0]["val_loss"]) == 2
+    if name == "batch-size":
+        assert np.array(metrics["accuracy"]["gn"]).shape == (1, 2)
     if name == "train-eval-gap":
         assert [r["seed"] for r in metrics["runs"]] == [0, 1]
         assert all(0 <= r["eval_acc_after"] <= 1 for r in metrics["runs"])
@@ -151,6 +168,21 @@ def test_train_eval_gap_verdict():
     assert train_eval_gap.verdict(no_gap).supported is False
     not_recovered = {"batch_size": 4, "bn_momentum": 0.9, "runs": [run(0.95, 0.85, 0.88)]}
     assert train_eval_gap.verdict(not_recovered).supported is False
+
+
+def test_batch_size_verdict():
+    sizes = [2, 4, 16, 32, 128]
+    wu_he = {"batch_sizes": sizes, "accuracy": {
+        "bn": [[0.60, 0.85, 0.93, 0.93, 0.80]], "gn": [[0.90, 0.90, 0.91, 0.91, 0.70]],
+        "renorm": [[0.80, 0.88, 0.93, 0.93, 0.75]]}}  # fmt: skip
+    verdict = batch_size.verdict(wu_he)
+    assert verdict.supported and "BN loses 33.0%" in verdict.summary
+    flat_bn = {"batch_sizes": sizes, "accuracy": {**wu_he["accuracy"], "bn": [[0.93] * 5]}}
+    assert batch_size.verdict(flat_bn).supported is False
+    assert (
+        batch_size.verdict({"batch_sizes": sizes, "accuracy": {"bn": [[0.9] * 5]}}).supported
+        is None
+    )
 
 
 def test_interrupt_keeps_config_and_log_but_writes_no_metrics(tmp_path, monkeypatch):

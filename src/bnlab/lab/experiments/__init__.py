@@ -1,6 +1,7 @@
 """Experiments, registered by name on import."""
 
 from bnlab.lab.experiments import (  # noqa: F401  (registers)
+    batch_size,
     convergence,
     init_sweep,
     mnist_cnn,
