@@ -50,3 +50,22 @@ def sync_bn_expect_error(rank: int, world: int, port: int, out_dir: str) -> None
             handle.write(message)
     finally:
         dist.destroy_process_group()
+
+
+def sync_bn_foreign_group(rank: int, world: int, port: int, out_dir: str) -> None:
+    """Rank 1 uses a process group that does not contain it: a clear error, not a silent BN."""
+    from bnlab.nn import SyncBatchNorm
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))  # fmt: skip
+    try:
+        group = dist.new_group([0])
+        message = "no error"
+        if rank == 1:
+            try:
+                SyncBatchNorm(2, process_group=group)(torch.randn(4, 2))
+            except ValueError as error:
+                message = str(error)
+        with open(f"{out_dir}/rank{rank}.txt", "w") as handle:
+            handle.write(message)
+    finally:
+        dist.destroy_process_group()

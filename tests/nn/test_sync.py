@@ -7,7 +7,7 @@ import torch
 import torch.multiprocessing as mp
 
 from bnlab import nn as bnn
-from distributed_workers import sync_bn_expect_error, sync_bn_worker
+from distributed_workers import sync_bn_expect_error, sync_bn_foreign_group, sync_bn_worker
 
 
 def _free_port() -> int:
@@ -76,3 +76,9 @@ def test_convert_and_revert_keep_state_and_classes():
     assert type(reverted[1]) is torch.nn.BatchNorm2d and type(reverted[2]) is bnn.BatchNorm1d
     state = reverted[1].state_dict()
     assert state["num_batches_tracked"].item() == 1 and state["running_var"].abs().sum() > 0
+
+
+def test_a_rank_outside_the_process_group_gets_a_clear_error(tmp_path):
+    mp.start_processes(sync_bn_foreign_group, args=(2, _free_port(), str(tmp_path)), nprocs=2, start_method="spawn")  # fmt: skip
+    message = (tmp_path / "rank1.txt").read_text()
+    assert "process_group: this rank (1) is not a member of the process group" in message

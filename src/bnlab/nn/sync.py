@@ -128,14 +128,15 @@ class SyncBatchNorm(_BatchNorm):
         self.process_group = process_group
 
     def forward(self, input: Tensor) -> Tensor:
-        if not self.training or not _distributed(self.process_group):
+        group = self.process_group
+        if self.training and group is not None and dist.is_initialized() and dist.get_rank(group) < 0:  # fmt: skip
+            raise ValueError(
+                f"process_group: this rank ({dist.get_rank()}) is not a member of the process "
+                "group given to SyncBatchNorm"
+            )
+        if not self.training or not _distributed(group):
             return super().forward(input)
         self._check_input(input)
-        if dist.get_rank(self.process_group) < 0:
-            raise ValueError(
-                f"process_group: this rank ({dist.get_rank()}) is not a member of the given "
-                "process group"
-            )
         momentum = self._averaging_factor()
         running = (self.running_mean, self.running_var) if self.track_running_stats else (None, None)  # fmt: skip
         return _SyncBatchNormFunction.apply(
