@@ -1,9 +1,20 @@
 """Worker functions for the multi-process tests (importable by spawned processes)."""
 
+import contextlib
 import datetime
 
 import torch
 import torch.distributed as dist
+
+
+@contextlib.contextmanager
+def _group(rank: int, world: int, port: int):
+    """A gloo process group on localhost for the duration of the block."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))  # fmt: skip
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def sync_bn_worker(
@@ -12,8 +23,7 @@ def sync_bn_worker(
     """Run SyncBatchNorm on this rank's slice of a seeded global batch; save what it saw."""
     from bnlab.nn import SyncBatchNorm
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))  # fmt: skip
-    try:
+    with _group(rank, world, port):
         g = torch.Generator().manual_seed(seed)
         total = sum(sizes)
         x = torch.randn(total, 3, 4, 5, generator=g, dtype=torch.float64) * 2 + 1e3
@@ -29,16 +39,13 @@ def sync_bn_worker(
         torch.save({"out": out.detach(), "grad": local.grad, "weight_grad": bn.weight.grad,
                     "bias_grad": bn.bias.grad, "running_mean": bn.running_mean,
                     "running_var": bn.running_var, "count": bn.num_batches_tracked}, f"{out_dir}/rank{rank}.pt")  # fmt: skip
-    finally:
-        dist.destroy_process_group()
 
 
 def sync_bn_expect_error(rank: int, world: int, port: int, out_dir: str) -> None:
     """A global batch of one value per channel must fail on every rank, not hang."""
     from bnlab.nn import SyncBatchNorm
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))  # fmt: skip
-    try:
+    with _group(rank, world, port):
         bn = SyncBatchNorm(2)
         local = torch.randn(1 if rank == 0 else 0, 2)
         try:
@@ -48,16 +55,13 @@ def sync_bn_expect_error(rank: int, world: int, port: int, out_dir: str) -> None
             message = str(error)
         with open(f"{out_dir}/rank{rank}.txt", "w") as handle:
             handle.write(message)
-    finally:
-        dist.destroy_process_group()
 
 
 def sync_bn_foreign_group(rank: int, world: int, port: int, out_dir: str) -> None:
     """Rank 1 uses a process group that does not contain it: a clear error, not a silent BN."""
     from bnlab.nn import SyncBatchNorm
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))  # fmt: skip
-    try:
+    with _group(rank, world, port):
         group = dist.new_group([0])
         message = "no error"
         if rank == 1:
@@ -67,5 +71,3 @@ def sync_bn_foreign_group(rank: int, world: int, port: int, out_dir: str) -> Non
                 message = str(error)
         with open(f"{out_dir}/rank{rank}.txt", "w") as handle:
             handle.write(message)
-    finally:
-        dist.destroy_process_group()

@@ -72,6 +72,7 @@ def test_convert_and_revert_keep_state_and_classes():
         converted[2], bnn.SyncBatchNorm
     )
     assert converted[2].nonfinite == "raise"
+    assert type(converted[3]) is bnn.GhostBatchNorm2d, "a subclass keeps its own behaviour"
     reverted = bnn.revert_sync_batchnorm(converted)
     assert type(reverted[1]) is torch.nn.BatchNorm2d and type(reverted[2]) is bnn.BatchNorm1d
     state = reverted[1].state_dict()

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from bnlab import functional as F
-from bnlab.nn.batchnorm import BatchNorm2d, _BatchNorm
+from bnlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
 
 
 def _distributed(group) -> bool:
@@ -151,7 +151,9 @@ class SyncBatchNorm(_BatchNorm):
         )
 
 
-_BATCHNORMS = (nn.modules.batchnorm._BatchNorm, _BatchNorm)
+# Exactly these classes are converted: a subclass with its own forward (Ghost BN, Batch
+# Renorm, a user's) would lose its behaviour as a SyncBatchNorm, so it is left as it is.
+_CONVERTIBLE = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, BatchNorm1d, BatchNorm2d, BatchNorm3d)  # fmt: skip
 
 
 def _dtype(module: nn.Module) -> torch.dtype:
@@ -173,9 +175,10 @@ def _copy_state(source: nn.Module, target: nn.Module) -> nn.Module:
 
 
 def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
-    """Replace every BatchNorm (bnlab's or torch's) by :class:`SyncBatchNorm`, keeping weights,
-    buffers and mode; :func:`revert_sync_batchnorm` restores the original classes."""
-    if isinstance(module, _BATCHNORMS) and not isinstance(module, SyncBatchNorm):
+    """Replace every BatchNorm1d/2d/3d (bnlab's or torch's) by :class:`SyncBatchNorm`, keeping
+    weights, buffers and mode; :func:`revert_sync_batchnorm` restores the original classes.
+    Subclasses with their own behaviour (Ghost BN, Batch Renorm, ...) are left unchanged."""
+    if type(module) in _CONVERTIBLE:
         sync = SyncBatchNorm(
             module.num_features, module.eps, module.momentum, module.affine,
             module.track_running_stats, process_group,

@@ -11,6 +11,17 @@ from typing import Any
 REGISTRY: dict[str, Experiment] = {}
 
 
+@dataclass
+class ExperimentConfig:
+    """Fields every experiment's config has: data source, seeds, BatchNorm implementation."""
+
+    data: str = "digits"
+    data_dir: str | None = None
+    seed: int = 0
+    num_seeds: int = 3
+    impl: str = "bnlab"
+
+
 @dataclass(frozen=True)
 class Verdict:
     """Whether the measured numbers support the claim (``None``: not measurable here)."""

@@ -12,7 +12,14 @@ import torch
 from tqdm.auto import tqdm
 
 from bnlab.lab.data import load_dataset
-from bnlab.lab.experiments.base import Context, Experiment, Verdict, register, seeds
+from bnlab.lab.experiments.base import (
+    Context,
+    Experiment,
+    ExperimentConfig,
+    Verdict,
+    register,
+    seeds,
+)
 from bnlab.lab.models import cnn
 from bnlab.lab.train import TrainConfig, train
 
@@ -21,9 +28,7 @@ LABELS = {"bn": "BatchNorm", "ghost": "Ghost BN", "renorm": "Batch Renorm", "gn"
 
 
 @dataclass
-class BatchSizeConfig:
-    data: str = "digits"
-    data_dir: str | None = None
+class BatchSizeConfig(ExperimentConfig):
     batch_sizes: tuple[int, ...] = (2, 4, 8, 16, 32, 128)
     norms: tuple[str, ...] = NORMS
     channels: tuple[int, ...] = (16, 32)
@@ -32,9 +37,6 @@ class BatchSizeConfig:
     bn_momentum: float = 0.1
     virtual_batch_size: int = 8
     max_train: int | None = None
-    seed: int = 0
-    num_seeds: int = 3
-    impl: str = "bnlab"
 
 
 def _norm_options(norm: str, config: BatchSizeConfig, total_steps: int) -> dict | None:

@@ -13,6 +13,7 @@ from bnlab.lab.data import load_dataset
 from bnlab.lab.experiments.base import (
     Context,
     Experiment,
+    ExperimentConfig,
     Verdict,
     register,
     seeds,
@@ -26,9 +27,8 @@ ARMS = ("baseline", "bn")
 
 
 @dataclass
-class ConvergenceConfig:
+class ConvergenceConfig(ExperimentConfig):
     data: str = "mnist1d"
-    data_dir: str | None = None
     hidden: tuple[int, ...] = (100, 100, 100)
     lr: float = 0.05
     momentum: float = 0.9
@@ -36,9 +36,6 @@ class ConvergenceConfig:
     steps: int = 6000
     eval_every: int = 100
     probe_examples: int = 500
-    seed: int = 0
-    num_seeds: int = 3
-    impl: str = "bnlab"
 
 
 def _drift(percentiles: np.ndarray) -> float:

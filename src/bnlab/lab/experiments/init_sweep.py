@@ -10,7 +10,14 @@ import torch
 from tqdm.auto import tqdm
 
 from bnlab.lab.data import load_dataset
-from bnlab.lab.experiments.base import Context, Experiment, Verdict, register, seeds
+from bnlab.lab.experiments.base import (
+    Context,
+    Experiment,
+    ExperimentConfig,
+    Verdict,
+    register,
+    seeds,
+)
 from bnlab.lab.models import mlp
 from bnlab.lab.train import TrainConfig, evaluate, train
 
@@ -19,9 +26,7 @@ GOOD_TRAIN_ACC = 0.5  # "trains well": at least 50% train accuracy (chance is 10
 
 
 @dataclass
-class InitSweepConfig:
-    data: str = "digits"
-    data_dir: str | None = None
+class InitSweepConfig(ExperimentConfig):
     hidden: tuple[int, ...] = (50, 50, 50, 50, 50)  # + the output layer: 6 layers
     num_scales: int = 20
     min_scale: float = 1e-4
@@ -30,9 +35,6 @@ class InitSweepConfig:
     batch_size: int = 50
     steps: int = 600
     max_train: int | None = 1000
-    seed: int = 0
-    num_seeds: int = 3
-    impl: str = "bnlab"
 
 
 def run(config: InitSweepConfig, ctx: Context) -> dict:

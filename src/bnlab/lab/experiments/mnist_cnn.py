@@ -13,6 +13,7 @@ from bnlab.lab.data import load_dataset
 from bnlab.lab.experiments.base import (
     Context,
     Experiment,
+    ExperimentConfig,
     Verdict,
     register,
     seeds,
@@ -26,9 +27,7 @@ ARMS = ("baseline", "bn")
 
 
 @dataclass
-class MnistCnnConfig:
-    data: str = "digits"
-    data_dir: str | None = None
+class MnistCnnConfig(ExperimentConfig):
     channels: tuple[int, ...] = (16, 32)
     hidden: int = 64
     dropout: float = 0.2
@@ -39,9 +38,6 @@ class MnistCnnConfig:
     epochs: int = 40
     patience: int = 5
     max_train: int | None = None
-    seed: int = 0
-    num_seeds: int = 3
-    impl: str = "bnlab"
 
 
 def run(config: MnistCnnConfig, ctx: Context) -> dict:

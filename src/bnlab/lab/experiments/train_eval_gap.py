@@ -13,15 +13,20 @@ import torch
 
 from bnlab.inference import is_batchnorm, recalibrate
 from bnlab.lab.data import load_dataset
-from bnlab.lab.experiments.base import Context, Experiment, Verdict, register, seeds
+from bnlab.lab.experiments.base import (
+    Context,
+    Experiment,
+    ExperimentConfig,
+    Verdict,
+    register,
+    seeds,
+)
 from bnlab.lab.models import mlp
 from bnlab.lab.train import TrainConfig, evaluate, train
 
 
 @dataclass
-class TrainEvalGapConfig:
-    data: str = "digits"
-    data_dir: str | None = None
+class TrainEvalGapConfig(ExperimentConfig):
     hidden: tuple[int, ...] = (128, 128, 128)
     batch_size: int = 4
     bn_momentum: float = 0.9  # torch's convention: the weight of the newest batch
@@ -29,9 +34,6 @@ class TrainEvalGapConfig:
     steps: int = 3000
     recalibration_batches: int = 100
     recalibration_batch_size: int = 64
-    seed: int = 0
-    num_seeds: int = 3
-    impl: str = "bnlab"
 
 
 def batch_statistics_accuracy(model, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
