@@ -63,9 +63,8 @@ def test_single_process_falls_back_to_batchnorm():
 
 
 def test_convert_and_revert_keep_state_and_classes():
-    model = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4), bnn.BatchNorm1d(5, nonfinite="raise")
-    )
+    ghost = bnn.GhostBatchNorm2d(4, 2)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4), bnn.BatchNorm1d(5, nonfinite="raise"), ghost)  # fmt: skip
     model[1](torch.randn(6, 4, 2, 2) * 3)
     converted = bnn.convert_sync_batchnorm(model)
     assert isinstance(converted[1], bnn.SyncBatchNorm) and isinstance(
