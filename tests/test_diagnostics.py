@@ -1,0 +1,60 @@
+"""Activation/gradient recording and the BatchNorm health check."""
+
+import pytest
+import torch
+from torch import nn
+
+from bnlab import nn as bnn
+from bnlab.diagnostics import bn_health, format_health, record
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(6, 8), bnn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3), nn.BatchNorm1d(3)
+    )
+
+
+def test_record_sees_activations_and_gradients_then_removes_its_hooks():
+    model = _model()
+    x = torch.randn(32, 6) * 3
+    with record(model) as stats:
+        model(x).pow(2).sum().backward()
+        model(x)
+    assert set(stats) == {"0", "1", "3", "4"}
+    bn = stats["1"]
+    assert len(bn.activation_mean) == 2 and abs(bn.activation_mean[0]) < 1e-5
+    assert bn.activation_std[0] == pytest.approx(1.0, abs=0.05)
+    assert len(bn.activation_percentiles[0]) == 5
+    assert len(bn.gradient_norm) == 1 and bn.gradient_norm[0] > 0
+    counts, edges = bn.gradient_histograms[0]
+    assert sum(counts) == 32 * 8 and len(edges) == len(counts) + 1
+    assert all(not m._forward_hooks for m in model.modules()), "no hooks left behind"
+
+
+def test_bn_health_flags_discrepancy_dead_and_nonfinite_channels():
+    model = _model().train()
+    for _ in range(30):
+        model(torch.randn(64, 6))
+    healthy = bn_health(model, [torch.randn(64, 6) for _ in range(3)])
+    assert [h.name for h in healthy] == ["1", "4"] and all(h.ok for h in healthy)
+    shifted = bn_health(model, [torch.randn(64, 6) * 10 + 5 for _ in range(3)])
+    assert not shifted[0].ok and (shifted[0].mean_shift > 1 or shifted[0].var_ratio > 4)
+    with torch.no_grad():
+        model[0].weight[2].zero_()
+        model[0].bias[2] = 1.0
+        model[1].running_var[5] = float("nan")
+    sick = bn_health(model, [torch.randn(64, 6)])
+    assert sick[0].dead_channels == 1 and sick[0].nonfinite_running == 1 and not sick[0].ok
+    table = format_health(sick)
+    assert "CHECK" in table and "mean shift" in table
+    assert model.training, "the mode is restored"
+
+
+def test_bn_health_works_on_torch_models_and_rejects_bad_input():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    assert len(bn_health(model, [torch.randn(2, 3, 8, 8)])) == 1
+    with pytest.raises(ValueError, match="expected BatchNorm layers with running statistics"):
+        bn_health(nn.Linear(2, 2), [torch.randn(2, 2)])
+    with pytest.raises(ValueError, match="batches: expected at least one batch"):
+        bn_health(model, [])
