@@ -12,9 +12,13 @@ from bnlab.lab.experiments import (
     REGISTRY,
     batch_size,
     convergence,
+    grad_histograms,
     init_sweep,
+    initializers,
+    input_normalization,
     mnist_cnn,
     train_eval_gap,
+    whitening_cost,
 )
 from bnlab.lab.report import build_report
 from bnlab.lab.runner import latest_runs, load_run, run_experiment
@@ -38,6 +42,10 @@ TINY = {
     },
     "mnist-cnn": {"channels": (4,), "hidden": 8, "epochs": 2, "num_seeds": 1, "max_train": 200},
     "train-eval-gap": {"hidden": (16,), "steps": 30, "num_seeds": 2, "recalibration_batches": 3},
+    "initializers": {"width": 16, "batch": 64, "num_seeds": 2},
+    "input-normalization": {"samples": 100, "max_steps": 300, "num_seeds": 2},
+    "whitening-cost": {"widths": (8, 16), "batch": 32, "repeats": 1, "num_seeds": 2},
+    "grad-histograms": {"depth": 6, "width": 16, "batch": 32, "num_seeds": 2},
     "batch-size": {
         "batch_sizes": (2, 16),
         "norms": ("bn", "renorm", "gn"),
@@ -79,6 +87,15 @@ def test_experiment_runs_and_writes_everything(tmp_path, name):
         assert np.array(metrics["arms"]["bn"]["train_acc"]).shape == (2, 3)
     if name == "mnist-cnn":
         assert len(metrics["arms"]["bn"][0]["val_loss"]) == 2
+    if name == "initializers":
+        assert len(metrics["after"]["he_normal"]["std"]) == 2
+        assert abs(metrics["after"]["he_normal"]["std"][0] - 1) < 0.05
+    if name == "input-normalization":
+        assert len(metrics["variants"]["whitened"]) == 2
+    if name == "whitening-cost":
+        assert np.array(metrics["whiten_s"]).shape == (2, 2)
+    if name == "grad-histograms":
+        assert len(metrics["arms"]["bn"][0]["histogram"]) == 60
     if name == "batch-size":
         assert np.array(metrics["accuracy"]["gn"]).shape == (1, 2)
     if name == "train-eval-gap":
@@ -183,6 +200,26 @@ def test_batch_size_verdict():
         batch_size.verdict({"batch_sizes": sizes, "accuracy": {"bn": [[0.9] * 5]}}).supported
         is None
     )
+
+
+def test_science_verdicts():
+    flat = {"before": {"a": {"std": [100.0]}, "b": {"std": [1.0]}, "zeros": {"std": [0.0]}},
+            "after": {"a": {"std": [1.0]}, "b": {"std": [0.999]}, "zeros": {"std": [0.0]}}}  # fmt: skip
+    assert initializers.verdict(flat).supported
+    flat["after"]["a"]["std"] = [3.0]
+    assert initializers.verdict(flat).supported is False
+    runs = {"raw": [{"steps": 5000}], "standardized": [{"steps": 100}], "whitened": [{"steps": 1}]}
+    assert input_normalization.verdict({"variants": runs, "max_steps": 20000}).supported
+    runs["standardized"] = [{"steps": 4000}]
+    assert input_normalization.verdict({"variants": runs, "max_steps": 20000}).supported is False
+    cost = {"widths": [10, 100], "batch": 8, "standardize_s": [[1.0], [10.0]], "whiten_s": [[1.0], [1000.0]],
+            "standardize_offdiag": [[0.5], [0.5]], "whiten_offdiag": [[0.0], [0.0]]}  # fmt: skip
+    verdict = whitening_cost.verdict(cost)
+    assert verdict.supported and "d^1.00" in verdict.summary and "d^3.00" in verdict.summary
+    grads = {"depth": 50, "arms": {"baseline": [{"norm": 1e3, "kurtosis": 20.0}], "bn": [{"norm": 1.0, "kurtosis": 0.5}]}}  # fmt: skip
+    assert grad_histograms.verdict(grads).supported
+    grads["arms"]["baseline"][0]["norm"] = 2.0
+    assert grad_histograms.verdict(grads).supported is False
 
 
 def test_interrupt_keeps_config_and_log_but_writes_no_metrics(tmp_path, monkeypatch):

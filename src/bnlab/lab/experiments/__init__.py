@@ -3,9 +3,13 @@
 from bnlab.lab.experiments import (  # noqa: F401  (registers)
     batch_size,
     convergence,
+    grad_histograms,
     init_sweep,
+    initializers,
+    input_normalization,
     mnist_cnn,
     train_eval_gap,
+    whitening_cost,
 )
 from bnlab.lab.experiments.base import REGISTRY, Context, Experiment, Verdict
 
