@@ -16,7 +16,10 @@ from bnlab.lab.experiments import (
     init_sweep,
     initializers,
     input_normalization,
+    lr_sweep,
     mnist_cnn,
+    momentum,
+    placement,
     train_eval_gap,
     whitening_cost,
 )
@@ -46,6 +49,15 @@ TINY = {
     "input-normalization": {"samples": 100, "max_steps": 300, "num_seeds": 2},
     "whitening-cost": {"widths": (8, 16), "batch": 32, "repeats": 1, "num_seeds": 2},
     "grad-histograms": {"depth": 6, "width": 16, "batch": 32, "num_seeds": 2},
+    "momentum": {
+        "momenta": (0.1, 0.9),
+        "batch_sizes": (4, 16),
+        "hidden": (8,),
+        "examples": 64,
+        "num_seeds": 2,
+    },
+    "lr-sweep": {"learning_rates": (0.01, 1.0), "hidden": (8,), "steps": 10, "num_seeds": 2},
+    "placement": {"channels": (4,), "steps": 10, "num_seeds": 2},
     "batch-size": {
         "batch_sizes": (2, 16),
         "norms": ("bn", "renorm", "gn"),
@@ -76,7 +88,7 @@ def test_experiment_runs_and_writes_everything(tmp_path, name):
     assert saved["verdict"]["summary"] and saved["verdict"]["supported"] in (True, False, None)
     assert "verdict:" in (run_dir / "log.txt").read_text()
     metrics = saved["metrics"]
-    if "arms" in metrics:
+    if "arms" in metrics and name != "placement":
         assert set(metrics["arms"]) == {"baseline", "bn"}
     if name == "convergence":
         run = metrics["arms"]["bn"][0]
@@ -96,6 +108,12 @@ def test_experiment_runs_and_writes_everything(tmp_path, name):
         assert np.array(metrics["whiten_s"]).shape == (2, 2)
     if name == "grad-histograms":
         assert len(metrics["arms"]["bn"][0]["histogram"]) == 60
+    if name == "momentum":
+        assert np.array(metrics["gap"]).shape == (2, 2, 2)
+    if name == "lr-sweep":
+        assert np.array(metrics["arms"]["bn"]["val_acc"]).shape == (2, 2)
+    if name == "placement":
+        assert set(metrics["arms"]) == {"before", "after", "before+dropout", "after+dropout"}
     if name == "batch-size":
         assert np.array(metrics["accuracy"]["gn"]).shape == (1, 2)
     if name == "train-eval-gap":
@@ -220,6 +238,26 @@ def test_science_verdicts():
     assert grad_histograms.verdict(grads).supported
     grads["arms"]["baseline"][0]["norm"] = 2.0
     assert grad_histograms.verdict(grads).supported is False
+
+
+def test_training_science_verdicts():
+    gap = {"momenta": [0.1, 0.9], "batch_sizes": [4, 64], "gap": [[[0.0, 0.0], [0.10, 0.01]]]}
+    assert (
+        momentum.verdict(gap).supported and "10.0% at momentum 0.9" in momentum.verdict(gap).summary
+    )
+    gap["gap"] = [[[0.0, 0.0], [0.01, 0.0]]]
+    assert momentum.verdict(gap).supported is False
+    sweep = {"learning_rates": [0.01, 0.1, 1.0], "arms": {
+        "baseline": {"val_acc": [[0.9, 0.95, 0.0]]}, "bn": {"val_acc": [[0.9, 0.95, 0.97]]}}}  # fmt: skip
+    verdict = lr_sweep.verdict(sweep)
+    assert verdict.supported and "does not: 1" in verdict.summary
+    sweep["arms"]["bn"]["val_acc"] = [[0.97, 0.95, 0.9]]
+    assert lr_sweep.verdict(sweep).supported is False
+    close = {"arms": {"before": [0.95, 0.96, 0.97], "after": [0.96, 0.955, 0.95], "before+dropout": [0.9], "after+dropout": [0.9]}}  # fmt: skip
+    assert placement.verdict(close).supported
+    far = {"arms": {**close["arms"], "after": [0.80, 0.81, 0.80]}}
+    verdict = placement.verdict(far)
+    assert verdict.supported is False and "Before the activation wins by 16.0%" in verdict.summary
 
 
 def test_interrupt_keeps_config_and_log_but_writes_no_metrics(tmp_path, monkeypatch):

@@ -7,7 +7,10 @@ from bnlab.lab.experiments import (  # noqa: F401  (registers)
     init_sweep,
     initializers,
     input_normalization,
+    lr_sweep,
     mnist_cnn,
+    momentum,
+    placement,
     train_eval_gap,
     whitening_cost,
 )
