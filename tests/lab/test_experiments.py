@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from bnlab.cli import app
@@ -16,6 +17,7 @@ from bnlab.lab.experiments import (
     init_sweep,
     initializers,
     input_normalization,
+    loss_landscape,
     lr_sweep,
     mnist_cnn,
     momentum,
@@ -58,6 +60,14 @@ TINY = {
     },
     "lr-sweep": {"learning_rates": (0.01, 1.0), "hidden": (8,), "steps": 10, "num_seeds": 2},
     "placement": {"channels": (4,), "steps": 10, "num_seeds": 2},
+    "loss-landscape": {
+        "hidden": (8, 8),
+        "steps": 20,
+        "probe_every": 10,
+        "probe_batch": 32,
+        "step_sizes": (0.5, 1.0),
+        "num_seeds": 2,
+    },
     "batch-size": {
         "batch_sizes": (2, 16),
         "norms": ("bn", "renorm", "gn"),
@@ -88,7 +98,7 @@ def test_experiment_runs_and_writes_everything(tmp_path, name):
     assert saved["verdict"]["summary"] and saved["verdict"]["supported"] in (True, False, None)
     assert "verdict:" in (run_dir / "log.txt").read_text()
     metrics = saved["metrics"]
-    if "arms" in metrics and name != "placement":
+    if "arms" in metrics and name not in ("placement", "loss-landscape"):
         assert set(metrics["arms"]) == {"baseline", "bn"}
     if name == "convergence":
         run = metrics["arms"]["bn"][0]
@@ -114,6 +124,9 @@ def test_experiment_runs_and_writes_everything(tmp_path, name):
         assert np.array(metrics["arms"]["bn"]["val_acc"]).shape == (2, 2)
     if name == "placement":
         assert set(metrics["arms"]) == {"before", "after", "before+dropout", "after+dropout"}
+    if name == "loss-landscape":
+        assert set(metrics["arms"]) == {"baseline", "bn", "noisy-bn"}
+        assert len(metrics["arms"]["noisy-bn"][1]["beta"]) == 2
     if name == "batch-size":
         assert np.array(metrics["accuracy"]["gn"]).shape == (1, 2)
     if name == "train-eval-gap":
@@ -258,6 +271,27 @@ def test_training_science_verdicts():
     far = {"arms": {**close["arms"], "after": [0.80, 0.81, 0.80]}}
     verdict = placement.verdict(far)
     assert verdict.supported is False and "Before the activation wins by 16.0%" in verdict.summary
+
+
+def test_loss_landscape_verdict():
+    def run(loss_range, beta, acc):
+        return {
+            "loss_range": [9.0, loss_range],
+            "grad_change": [9.0, 1.0],
+            "beta": [9.0, beta],
+            "val_acc": [acc],
+        }
+
+    smooth = {"arms": {"baseline": [run(2.0, 10.0, 0.95)], "bn": [run(0.1, 2.0, 0.98)], "noisy-bn": [run(0.2, 3.0, 0.975)]}}  # fmt: skip
+    assert loss_landscape.verdict(smooth).supported
+    smooth["arms"]["noisy-bn"] = [run(0.2, 3.0, 0.90)]
+    assert loss_landscape.verdict(smooth).supported is False
+
+
+def test_noisy_shift_is_off_in_eval():
+    layer = loss_landscape.NoisyShift(0.5)
+    x = torch.randn(4, 3)
+    assert torch.equal(layer.eval()(x), x) and not torch.equal(layer.train()(x), x)
 
 
 def test_interrupt_keeps_config_and_log_but_writes_no_metrics(tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ from bnlab.lab.experiments import (  # noqa: F401  (registers)
     init_sweep,
     initializers,
     input_normalization,
+    loss_landscape,
     lr_sweep,
     mnist_cnn,
     momentum,
