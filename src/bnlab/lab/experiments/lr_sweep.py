@@ -93,6 +93,6 @@ EXPERIMENT = register(
         verdict=verdict,
         plot=plot,
         quick={"num_seeds": 1, "steps": 200},
-        full_runtime="about 2 minutes on 2 cores (9 learning rates × 2 arms × 3 seeds)",
+        full_runtime="about 1 minute on 2 cores (9 learning rates × 2 arms × 3 seeds)",
     )
 )

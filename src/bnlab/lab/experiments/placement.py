@@ -91,6 +91,6 @@ EXPERIMENT = register(
         verdict=verdict,
         plot=plot,
         quick={"num_seeds": 1, "steps": 400, "channels": (8, 16)},
-        full_runtime="about 1 minute on 2 cores (4 arms × 3 seeds × 1,500 steps)",
+        full_runtime="about 2 minutes on 2 cores (4 arms × 3 seeds × 1,500 steps)",
     )
 )
