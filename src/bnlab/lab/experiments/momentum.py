@@ -100,6 +100,6 @@ EXPERIMENT = register(
         verdict=verdict,
         plot=plot,
         quick={"num_seeds": 1, "momenta": (0.1, 0.9), "batch_sizes": (4, 64), "examples": 4000},
-        full_runtime="about 2 minutes on 2 cores (4 momenta × 3 batch sizes × 3 seeds)",
+        full_runtime="about 1 minute on 2 cores (4 momenta × 3 batch sizes × 3 seeds)",
     )
 )
