@@ -108,7 +108,9 @@ def plot(metrics: dict) -> dict:
         d = np.stack([g1 - optimum[0], g2 - optimum[1]], -1)
         excess = 0.5 * np.einsum("...i,ij,...j->...", d, hessian, d)  # loss above the optimum
         ax.contour(g1, g2, np.log10(excess + 1e-12), levels=20, cmap="viridis")
-        ax.plot(path[:30, 0], path[:30, 1], "r.-", markersize=3, linewidth=0.8)  # the first 30 steps
+        ax.plot(
+            path[:30, 0], path[:30, 1], "r.-", markersize=3, linewidth=0.8
+        )  # the first 30 steps
         ax.plot(*optimum, "k*", markersize=10)
         ax.set_aspect("equal")
         ax.set(title=f"{variant}: {run['steps']} steps (condition {run['condition']:.3g})", xlabel="w1", ylabel="w2")  # fmt: skip
