@@ -78,21 +78,15 @@ void channel_sums(const Geometry& g, const scalar_t* u, const scalar_t* v,
           const int64_t c = w / g.N;
           const int64_t w_end = std::min(w1, (c + 1) * g.N);
           const acc_t sh = shift[c];
+          // The partial sums live in registers (no captured lambda: nothing takes their
+          // address); they are flushed to double every kBlock elements and at the end.
           acc_t a1[kLanes] = {}, a2[kLanes] = {};
           double t1 = 0, t2 = 0;
           int64_t pending = 0;  // elements summed in a1/a2 since the last flush to double
-          auto flush = [&] {
-            for (int64_t j = 0; j < kLanes; ++j) {
-              t1 += a1[j];
-              t2 += a2[j];
-              a1[j] = a2[j] = acc_t(0);
-            }
-            pending = 0;
-          };
           for (; w < w_end; ++w) {
             const int64_t plane = (w % g.N) * C + c;
             const scalar_t* __restrict__ up = u + plane * L;
-            const scalar_t* __restrict__ vp = TWO ? v + plane * L : nullptr;
+            const scalar_t* __restrict__ vp = TWO ? v + plane * L : up;
             for (int64_t l0 = 0; l0 < L; l0 += kBlock) {
               const int64_t l1 = std::min(L, l0 + kBlock);
               int64_t l = l0;
@@ -112,10 +106,17 @@ void channel_sums(const Geometry& g, const scalar_t* u, const scalar_t* v,
                 a2[j] += e * d;
               }
               pending += l1 - l0;
-              if (pending >= kBlock) flush();
+              if (pending >= kBlock || (w + 1 == w_end && l1 == L)) {
+                for (int64_t j = 0; j < kLanes; ++j) {
+                  t1 += a1[j];
+                  t2 += a2[j];
+                  a1[j] = acc_t(0);
+                  a2[j] = acc_t(0);
+                }
+                pending = 0;
+              }
             }
           }
-          flush();
           p1[c] += t1;
           p2[c] += t2;
         }
