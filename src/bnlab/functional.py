@@ -251,6 +251,21 @@ def _fused_forward(input, weight, bias, running_mean, running_var, training, mom
     return out, shift, (torch.zeros_like(shift) if save else None), invstd
 
 
+def _fused_autograd(input, weight, bias, running_mean, running_var, training, momentum, eps, nonfinite):  # fmt: skip
+    """The fused kernels behind a C++ autograd node (same semantics as the Function below)."""
+    running = [t for t in (running_mean, running_var) if t is not None] if training else []
+    before = [t.clone() for t in running] if nonfinite == "raise" else []
+    out, stats, bad = kernels.load().fused_autograd(
+        input, weight, bias, running_mean, running_var, training, momentum, eps,
+        nonfinite != "propagate",
+    )  # fmt: skip
+    if bad and nonfinite != "propagate" and running:
+        for t, old in zip(running, before, strict=False):  # 'raise' leaves every channel
+            t.copy_(old)
+        report_nonfinite(torch.isfinite(stats[0]) & torch.isfinite(stats[1]), nonfinite)
+    return out
+
+
 class _FusedBatchNormFunction(torch.autograd.Function):
     """The same operation on bnlab's fused C++ kernels (two passes forward, two backward).
 
@@ -334,5 +349,7 @@ def batch_norm(
     if not kernels.usable(input):
         return _BatchNormFunction.apply(*args)
     if _needs_graph(input, weight, bias):
+        if input.numel() * input.element_size() < kernels.HUGE_ALLOCATION_BYTES:
+            return _fused_autograd(*args)  # small: a C++ autograd node, no Python backward
         return _FusedBatchNormFunction.apply(*args)
     return _fused_forward(*args, save=False)[0]  # no autograd graph: skip the Function

@@ -412,8 +412,137 @@ std::tuple<at::Tensor, at::Tensor> backward(
   return {vector_tensor(sum_dy, *sums_dtype), vector_tensor(sum_dy_xhat, *sums_dtype)};
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// The same operation as a C++ autograd node, for tensors small enough that a Python
+// autograd.Function's fixed cost (tens of microseconds per backward) would dominate.
+// Under create_graph the backward is written in differentiable ATen ops (recomputing the
+// batch statistics from the input), so double backward stays exact.
+
+namespace {
+
+// Absent optional tensors cross the autograd node as empty tensors (undefined ones cannot).
+c10::optional<at::Tensor> maybe(const at::Tensor& t) {
+  return t.defined() && t.numel() > 0 ? c10::optional<at::Tensor>(t) : c10::nullopt;
+}
+
+at::Tensor per_channel(const at::Tensor& t, const at::Tensor& like) {
+  std::vector<int64_t> shape(like.dim(), 1);
+  shape[1] = -1;
+  return t.view(shape);
+}
+
+std::vector<int64_t> reduce_dims(const at::Tensor& x) {
+  std::vector<int64_t> dims{0};
+  for (int64_t d = 2; d < x.dim(); ++d) dims.push_back(d);
+  return dims;
+}
+
+at::Tensor same_layout(const at::Tensor& t, const at::Tensor& like) {
+  if (t.strides() == like.strides()) return t;
+  if (like.is_contiguous()) return t.contiguous();
+  return t.contiguous(like.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d);
+}
+
+struct FusedBatchNorm : public torch::autograd::Function<FusedBatchNorm> {
+  static torch::autograd::variable_list forward(
+      torch::autograd::AutogradContext* ctx, const at::Tensor& input, const at::Tensor& weight,
+      const at::Tensor& bias, at::Tensor running_mean, at::Tensor running_var, bool training,
+      double momentum, double eps, bool skip_nonfinite, at::Tensor out) {
+    at::Tensor shift, mean_d, invstd;
+    int64_t bad = 0;
+    if (training) {
+      std::tie(shift, mean_d, invstd, bad) = forward_train(
+          input, maybe(weight), maybe(bias), maybe(running_mean), maybe(running_var), momentum,
+          eps, out, skip_nonfinite);
+    } else {
+      std::tie(shift, invstd) = forward_eval(input, maybe(weight), maybe(bias), running_mean,
+                                             running_var, eps, out, true);  // both present in eval
+      mean_d = at::zeros_like(shift);
+    }
+    ctx->save_for_backward({input, weight, shift, mean_d, invstd});
+    ctx->saved_data["training"] = training;
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["has_bias"] = maybe(bias).has_value();
+    auto stats = at::stack({mean_d, invstd});  // for the caller's non-finite report
+    auto count = at::full({}, bad, at::TensorOptions().dtype(at::kLong));
+    ctx->mark_non_differentiable({stats, count});
+    return {out, stats, count};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const at::Tensor& input = saved[0];
+    const at::Tensor weight = maybe(saved[1]).value_or(at::Tensor());
+    const at::Tensor& shift = saved[2];
+    at::Tensor mean_d = saved[3], invstd = saved[4];
+    const bool training = ctx->saved_data["training"].toBool();
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const double eps = ctx->saved_data["eps"].toDouble();
+    const at::Tensor& grad_out = grads[0];
+    at::Tensor grad_input, grad_weight, grad_bias;
+    const bool need_input = ctx->needs_input_grad(0);
+    const bool need_weight = weight.defined() && ctx->needs_input_grad(1);
+    const bool need_bias = has_bias && ctx->needs_input_grad(2);
+    if (at::GradMode::is_enabled()) {  // create_graph: differentiable in every input
+      const auto acc = shift.scalar_type();
+      auto xa = input.to(acc);
+      auto dims = reduce_dims(xa);
+      if (training) {
+        auto [var, md] = at::var_mean(xa - per_channel(shift, xa), dims, 0, false);
+        mean_d = md;
+        invstd = at::rsqrt(var + eps);
+      }
+      auto dy = grad_out.to(acc);
+      auto x_hat = (xa - per_channel(shift, xa) - per_channel(mean_d, xa)) * per_channel(invstd, xa);
+      auto sum_dy = dy.sum(dims);
+      auto sum_dy_xhat = (dy * x_hat).sum(dims);
+      if (need_input) {
+        auto gain = weight.defined() ? invstd * weight.to(acc) : invstd;
+        auto inner = dy;
+        if (training) {
+          const double n = static_cast<double>(input.numel() / input.size(1));
+          inner = dy - per_channel(sum_dy / n, xa) - x_hat * per_channel(sum_dy_xhat / n, xa);
+        }
+        grad_input = (inner * per_channel(gain, xa)).to(input.scalar_type());
+      }
+      if (need_weight) grad_weight = sum_dy_xhat.to(weight.scalar_type());
+      if (need_bias) grad_bias = sum_dy.to(weight.defined() ? weight.scalar_type() : grad_out.scalar_type());
+    } else {
+      if (need_input) grad_input = at::empty_like(input);
+      c10::optional<at::ScalarType> sums_dtype;
+      if (need_weight || need_bias) sums_dtype = weight.defined() ? weight.scalar_type() : at::kFloat;
+      auto [sum_dy, sum_dy_xhat] = ::backward(same_layout(grad_out, input), input, maybe(weight),
+                                            shift, mean_d, invstd, training, sums_dtype,
+                                            maybe(grad_input));
+      if (need_weight) grad_weight = sum_dy_xhat;
+      if (need_bias) grad_bias = sum_dy;
+    }
+    return {grad_input, grad_weight, grad_bias, at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+}  // namespace
+
+// (out, stats (2, C): mean - shift and invstd, count of non-finite channels) with autograd.
+std::tuple<at::Tensor, at::Tensor, int64_t> fused_autograd(
+    const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var, bool training, double momentum, double eps,
+    bool skip_nonfinite) {
+  auto out = at::empty_like(input);
+  const auto none = at::empty({0}, input.options().dtype(at::kFloat));
+  auto result = FusedBatchNorm::apply(input, weight.value_or(none), bias.value_or(none),
+                                      running_mean.value_or(none), running_var.value_or(none),
+                                      training, momentum, eps, skip_nonfinite, out);
+  return {result[0], result[1], result[2].item<int64_t>()};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward_train", &forward_train, "batch norm training forward (fused)");
   m.def("forward_eval", &forward_eval, "batch norm evaluation forward (fused)");
   m.def("backward", &backward, "batch norm backward (fused)");
+  m.def("fused_autograd", &fused_autograd, "batch norm with a C++ autograd node");
 }
