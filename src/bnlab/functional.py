@@ -231,21 +231,34 @@ class _BatchNormFunction(torch.autograd.Function):
         return grad_input, grad_weight, grad_bias, *_NO_GRADS
 
 
+class _RunningGuard:
+    """Applies the ``nonfinite`` policy around a kernel that updated the running statistics
+    of finite channels only (``bad`` = how many were not finite)."""
+
+    def __init__(self, running_mean, running_var, nonfinite: str) -> None:
+        self.policy = nonfinite
+        self.running = [t for t in (running_mean, running_var) if t is not None]
+        self.before = [t.clone() for t in self.running] if nonfinite == "raise" else []
+
+    def check(self, bad: int, mean_d: Tensor, invstd: Tensor) -> None:
+        if not bad or self.policy == "propagate" or not self.running:
+            return
+        for t, old in zip(self.running, self.before, strict=False):  # 'raise' keeps every channel
+            t.copy_(old)
+        report_nonfinite(torch.isfinite(mean_d) & torch.isfinite(invstd), self.policy)
+
+
 def _fused_forward(input, weight, bias, running_mean, running_var, training, momentum, eps, nonfinite, save):  # fmt: skip
     """One fused forward: ``(out, shift, mean_d, invstd)`` (the last three only if ``save``)."""
     ops = kernels.load()
     out = kernels.empty_like(input)
     if training:
-        running = [t for t in (running_mean, running_var) if t is not None]
-        before = [t.clone() for t in running] if nonfinite == "raise" else []
+        guard = _RunningGuard(running_mean, running_var, nonfinite)
         shift, mean_d, invstd, bad = ops.forward_train(
             input, weight, bias, running_mean, running_var, momentum, eps, out,
             nonfinite != "propagate",
         )  # fmt: skip
-        if bad and nonfinite != "propagate" and running:
-            for t, old in zip(running, before, strict=False):  # 'raise' leaves every channel
-                t.copy_(old)
-            report_nonfinite(torch.isfinite(mean_d) & torch.isfinite(invstd), nonfinite)
+        guard.check(bad, mean_d, invstd)
         return out, shift, mean_d, invstd
     shift, invstd = ops.forward_eval(input, weight, bias, running_mean, running_var, eps, out, save)
     return out, shift, (torch.zeros_like(shift) if save else None), invstd
@@ -253,16 +266,12 @@ def _fused_forward(input, weight, bias, running_mean, running_var, training, mom
 
 def _fused_autograd(input, weight, bias, running_mean, running_var, training, momentum, eps, nonfinite):  # fmt: skip
     """The fused kernels behind a C++ autograd node (same semantics as the Function below)."""
-    running = [t for t in (running_mean, running_var) if t is not None] if training else []
-    before = [t.clone() for t in running] if nonfinite == "raise" else []
+    guard = _RunningGuard(running_mean, running_var, nonfinite if training else "propagate")
     out, stats, bad = kernels.load().fused_autograd(
         input, weight, bias, running_mean, running_var, training, momentum, eps,
         nonfinite != "propagate",
     )  # fmt: skip
-    if bad and nonfinite != "propagate" and running:
-        for t, old in zip(running, before, strict=False):  # 'raise' leaves every channel
-            t.copy_(old)
-        report_nonfinite(torch.isfinite(stats[0]) & torch.isfinite(stats[1]), nonfinite)
+    guard.check(bad, stats[0], stats[1])
     return out
 
 
