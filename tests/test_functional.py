@@ -265,3 +265,15 @@ def test_nonfinite_policy_on_modules_and_bad_value():
         bnn.BatchNorm1d(3, nonfinite="ignore")
     with pytest.raises(ValueError, match="nonfinite: expected one of"):
         batch_norm(torch.randn(4, 3), None, None, training=True, nonfinite="x")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bias_without_weight_gets_a_gradient_of_its_dtype(dtype):
+    x = torch.randn(6, 3, 4, dtype=dtype, requires_grad=True)
+    bias = torch.randn(3, dtype=dtype, requires_grad=True)
+    batch_norm(x, None, None, None, bias, training=True).pow(2).sum().backward()
+    assert bias.grad.dtype == dtype and x.grad.dtype == dtype
+    torch.testing.assert_close(
+        bias.grad,
+        2 * batch_norm(x.detach(), None, None, None, bias.detach(), training=True).sum((0, 2)),
+    )

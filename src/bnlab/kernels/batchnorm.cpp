@@ -464,6 +464,7 @@ struct FusedBatchNorm : public torch::autograd::Function<FusedBatchNorm> {
     ctx->saved_data["training"] = training;
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["has_bias"] = maybe(bias).has_value();
+    ctx->saved_data["bias_dtype"] = static_cast<int64_t>(bias.scalar_type());
     auto stats = at::stack({mean_d, invstd});  // for the caller's non-finite report
     auto count = at::full({}, bad, at::TensorOptions().dtype(at::kLong));
     ctx->mark_non_differentiable({stats, count});
@@ -480,6 +481,7 @@ struct FusedBatchNorm : public torch::autograd::Function<FusedBatchNorm> {
     const bool training = ctx->saved_data["training"].toBool();
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     const double eps = ctx->saved_data["eps"].toDouble();
+    const auto bias_dtype = static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt());
     const at::Tensor& grad_out = grads[0];
     at::Tensor grad_input, grad_weight, grad_bias;
     const bool need_input = ctx->needs_input_grad(0);
@@ -508,16 +510,16 @@ struct FusedBatchNorm : public torch::autograd::Function<FusedBatchNorm> {
         grad_input = (inner * per_channel(gain, xa)).to(input.scalar_type());
       }
       if (need_weight) grad_weight = sum_dy_xhat.to(weight.scalar_type());
-      if (need_bias) grad_bias = sum_dy.to(weight.defined() ? weight.scalar_type() : grad_out.scalar_type());
+      if (need_bias) grad_bias = sum_dy.to(bias_dtype);
     } else {
       if (need_input) grad_input = at::empty_like(input);
       c10::optional<at::ScalarType> sums_dtype;
-      if (need_weight || need_bias) sums_dtype = weight.defined() ? weight.scalar_type() : at::kFloat;
+      if (need_weight || need_bias) sums_dtype = weight.defined() ? weight.scalar_type() : bias_dtype;
       auto [sum_dy, sum_dy_xhat] = ::backward(same_layout(grad_out, input), input, maybe(weight),
                                             shift, mean_d, invstd, training, sums_dtype,
                                             maybe(grad_input));
       if (need_weight) grad_weight = sum_dy_xhat;
-      if (need_bias) grad_bias = sum_dy;
+      if (need_bias) grad_bias = sum_dy.to(bias_dtype);
     }
     return {grad_input, grad_weight, grad_bias, at::Tensor(), at::Tensor(), at::Tensor(),
             at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
