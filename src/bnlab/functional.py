@@ -113,6 +113,11 @@ def batch_stats(xa: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return shift, mean_d, var
 
 
+def grad_input_from_means(dy: Tensor, x_hat: Tensor, mean_dy: Tensor, mean_dy_xhat: Tensor, gain: Tensor) -> Tensor:  # fmt: skip
+    """``dx = gain · (dy − mean(dy) − x̂ · mean(dy·x̂))``, the means over the (global) batch."""
+    return (dy - _per_channel(mean_dy, dy) - x_hat * _per_channel(mean_dy_xhat, dy)) * _per_channel(gain, dy)  # fmt: skip
+
+
 NONFINITE_POLICIES = ("skip", "raise", "propagate")
 _NO_GRADS = (None,) * 6  # running_mean, running_var, training, momentum, eps, nonfinite
 
@@ -216,14 +221,10 @@ class _BatchNormFunction(torch.autograd.Function):
             gain = invstd if weight is None else invstd * weight.to(acc)
             if ctx.training:
                 count = input.numel() // input.shape[1]
-                inner = (
-                    dy
-                    - _per_channel(sum_dy / count, xa)
-                    - x_hat * _per_channel(sum_dy_xhat / count, xa)
-                )
+                grad_input = grad_input_from_means(dy, x_hat, sum_dy / count, sum_dy_xhat / count, gain)  # fmt: skip
             else:
-                inner = dy
-            grad_input = (inner * _per_channel(gain, xa)).to(input.dtype)
+                grad_input = dy * _per_channel(gain, xa)
+            grad_input = grad_input.to(input.dtype)
         if weight is not None and ctx.needs_input_grad[1]:
             grad_weight = sum_dy_xhat.to(weight.dtype)
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:

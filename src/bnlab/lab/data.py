@@ -77,6 +77,13 @@ def _split(x: np.ndarray, y: np.ndarray, fractions=(0.7, 0.15)) -> tuple[np.ndar
     )
 
 
+def _holdout(x: np.ndarray, y: np.ndarray, n_val: int) -> tuple[np.ndarray, ...]:
+    """``(x_train, y_train, x_val, y_val)``: a fixed random ``n_val`` examples held out."""
+    order = np.random.default_rng(SPLIT_SEED).permutation(len(y))
+    train, val = order[n_val:], order[:n_val]
+    return x[train], y[train], x[val], y[val]
+
+
 def _finish(name: str, parts: tuple[np.ndarray, ...], num_classes: int) -> Dataset:
     x_train, y_train, x_val, y_val, x_test, y_test = parts
     x_train, x_val, x_test = _standardize(x_train.astype(np.float64), x_val, x_test)
@@ -147,11 +154,9 @@ def _mnist(data_dir: Path) -> Dataset:
                 f"got {image.shape} and {label.shape}"
             )
     x, y = images[0][:, None].astype(np.float64) / 255.0, labels[0]
-    n_val = max(1, len(y) // 12)  # 5,000 of MNIST's 60,000
-    order = np.random.default_rng(SPLIT_SEED).permutation(len(y))
-    train, val = order[n_val:], order[:n_val]
     test_x = images[1][:, None].astype(np.float64) / 255.0
-    return _finish("mnist", (x[train], y[train], x[val], y[val], test_x, labels[1]), 10)
+    split = _holdout(x, y, max(1, len(y) // 12))  # 5,000 of MNIST's 60,000
+    return _finish("mnist", (*split, test_x, labels[1]), 10)
 
 
 def _cifar10(data_dir: Path) -> Dataset:
@@ -167,11 +172,8 @@ def _cifar10(data_dir: Path) -> Dataset:
     test_x, test_y = read_cifar_batch(find_file(root, ["test_batch"], "CIFAR-10 test batch"))
     x = np.concatenate([b[0] for b in train]).astype(np.float64) / 255.0
     y = np.concatenate([b[1] for b in train])
-    n_val = max(1, len(y) // 10)  # 5,000 of CIFAR-10's 50,000
-    order = np.random.default_rng(SPLIT_SEED).permutation(len(y))
-    train_idx, val_idx = order[n_val:], order[:n_val]
-    parts = (x[train_idx], y[train_idx], x[val_idx], y[val_idx], test_x / 255.0, test_y)
-    return _finish("cifar10", parts, 10)
+    split = _holdout(x, y, max(1, len(y) // 10))  # 5,000 of CIFAR-10's 50,000
+    return _finish("cifar10", (*split, test_x / 255.0, test_y), 10)
 
 
 def load_dataset(

@@ -53,6 +53,16 @@ def make_norm(
     return nn.GroupNorm(groups, num_features)
 
 
+def set_bn_momentum(model: nn.Module, momentum: float | None) -> nn.Module:
+    """Set ``momentum`` (torch's convention) on every BatchNorm-like layer of ``model``."""
+    from bnlab.inference import is_batchnorm
+
+    for module in model.modules():
+        if is_batchnorm(module):
+            module.momentum = momentum
+    return model
+
+
 def init_weights(model: nn.Module, init: str, scale: float = 1.0) -> nn.Module:
     """Initialize every Linear/Conv weight; biases to zero. ``normal`` uses std = ``scale``."""
     _check_choice("init", init, INITS)

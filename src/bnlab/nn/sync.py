@@ -85,7 +85,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         mean_dy = (sums[:channels] / ctx.total).to(acc)
         mean_dy_xhat = (sums[channels:] / ctx.total).to(acc)
         gain = invstd if weight is None else invstd * weight.to(acc)
-        grad_input = (dy - F._per_channel(mean_dy, xa) - x_hat * F._per_channel(mean_dy_xhat, xa)) * F._per_channel(gain, xa)  # fmt: skip
+        grad_input = F.grad_input_from_means(dy, x_hat, mean_dy, mean_dy_xhat, gain)
         grad_weight = local_dy_xhat.to(weight.dtype) if weight is not None else None
         grad_bias = local_dy.to(ctx.bias_dtype) if ctx.bias_dtype is not None else None
         return (

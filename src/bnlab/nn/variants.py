@@ -149,9 +149,7 @@ class _BatchRenorm(_BatchNorm):
         r_max, d_max = self.limits()
         acc = torch.float64 if input.dtype == torch.float64 else torch.float32
         x = input.to(acc)
-        dims = F._reduce_dims(x)
-        shift = F._shift(x).detach()
-        var, mean_d = torch.var_mean(x - F._per_channel(shift, x), dims, correction=0)
+        shift, mean_d, var = F.batch_stats(x)
         mean, std = shift + mean_d, torch.sqrt(var + self.eps)
         sigma = torch.sqrt(self.running_var.to(acc) + self.eps)
         r = (std.detach() / sigma).clamp(1.0 / r_max, r_max)

@@ -20,7 +20,7 @@ from bnlab.lab.experiments.base import (
     register,
     seeds,
 )
-from bnlab.lab.models import cnn
+from bnlab.lab.models import cnn, set_bn_momentum
 from bnlab.lab.train import TrainConfig, train
 
 NORMS = ("bn", "ghost", "renorm", "gn", "ln")
@@ -64,9 +64,8 @@ def run(config: BatchSizeConfig, ctx: Context) -> dict:
                     data.input_shape, data.num_classes, channels=config.channels, hidden=64,
                     norm=norm, impl=config.impl, norm_options=_norm_options(norm, config, steps),
                 )  # fmt: skip
-                for module in model.modules():
-                    if norm in ("bn", "ghost") and hasattr(module, "running_mean"):
-                        module.momentum = config.bn_momentum
+                if norm in ("bn", "ghost"):  # renorm gets its momentum with its schedule
+                    set_bn_momentum(model, config.bn_momentum)
                 train_config = TrainConfig(
                     lr=config.base_lr * batch / 32, batch_size=batch, steps=steps,
                     eval_every=steps, seed=seed, progress=False,

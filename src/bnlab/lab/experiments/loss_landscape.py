@@ -22,7 +22,7 @@ from bnlab.lab.experiments.base import (
     register,
     seeds,
 )
-from bnlab.lab.models import mlp
+from bnlab.lab.models import mlp, set_bn_momentum
 from bnlab.lab.train import TrainConfig, train
 
 ARMS = ("baseline", "bn", "noisy-bn")
@@ -85,9 +85,7 @@ def probe_landscape(model: nn.Module, x, y, step_sizes) -> dict:
     """
     with torch.random.fork_rng():
         probe = copy.deepcopy(model).train()
-        for module in probe.modules():
-            if is_batchnorm(module):
-                module.momentum = 0.0  # keep the copy's running statistics still
+        set_bn_momentum(probe, 0.0)  # keep the copy's running statistics still
         torch.manual_seed(0)
         loss0, grad0 = _loss_and_grad(probe, x, y)
         params = [p.detach().clone() for p in probe.parameters()]

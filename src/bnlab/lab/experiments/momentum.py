@@ -8,7 +8,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from bnlab.inference import is_batchnorm
 from bnlab.lab.data import load_dataset
 from bnlab.lab.experiments.base import (
     Context,
@@ -19,7 +18,7 @@ from bnlab.lab.experiments.base import (
     seeds,
 )
 from bnlab.lab.experiments.train_eval_gap import batch_statistics_accuracy
-from bnlab.lab.models import mlp
+from bnlab.lab.models import mlp, set_bn_momentum
 from bnlab.lab.train import TrainConfig, evaluate, train
 
 
@@ -48,9 +47,7 @@ def run(config: MomentumConfig, ctx: Context) -> dict:
             for batch in config.batch_sizes:
                 torch.manual_seed(seed)
                 model = mlp(int(np.prod(data.input_shape)), config.hidden, data.num_classes, norm="bn", impl=config.impl)  # fmt: skip
-                for module in model.modules():
-                    if is_batchnorm(module):
-                        module.momentum = momentum
+                set_bn_momentum(model, momentum)
                 steps = max(1, config.examples // batch)
                 train(model, data, TrainConfig(lr=config.lr, batch_size=batch, steps=steps, eval_every=steps, seed=seed, progress=False))  # fmt: skip
                 train_mode = batch_statistics_accuracy(model, x_val, y_val, 256)

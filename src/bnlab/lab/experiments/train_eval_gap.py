@@ -21,7 +21,7 @@ from bnlab.lab.experiments.base import (
     register,
     seeds,
 )
-from bnlab.lab.models import mlp
+from bnlab.lab.models import mlp, set_bn_momentum
 from bnlab.lab.train import TrainConfig, evaluate, train
 
 
@@ -66,9 +66,7 @@ def run(config: TrainEvalGapConfig, ctx: Context) -> dict:
     for seed in seeds(config.seed, config.num_seeds):
         torch.manual_seed(seed)
         model = mlp(int(np.prod(data.input_shape)), config.hidden, data.num_classes, norm="bn", impl=config.impl)  # fmt: skip
-        for module in model.modules():
-            if is_batchnorm(module):
-                module.momentum = config.bn_momentum
+        set_bn_momentum(model, config.bn_momentum)
         train_config = TrainConfig(
             lr=config.lr, batch_size=config.batch_size, steps=config.steps,
             eval_every=config.steps, seed=seed, progress=ctx.progress, desc=f"seed {seed}",
