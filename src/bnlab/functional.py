@@ -32,11 +32,11 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _reduce_dims(input: Tensor) -> list[int]:
+def reduce_dims(input: Tensor) -> list[int]:
     return [0, *range(2, input.dim())]
 
 
-def _per_channel(t: Tensor, input: Tensor) -> Tensor:
+def per_channel(t: Tensor, input: Tensor) -> Tensor:
     """View a (C,) tensor so that it broadcasts against ``input`` along dim 1."""
     return t.view(1, -1, *([1] * (input.dim() - 2)))
 
@@ -109,13 +109,13 @@ def _shift(xa: Tensor) -> Tensor:
 def batch_stats(xa: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Per-channel ``(shift, mean - shift, biased var)`` of ``xa``, free of cancellation."""
     shift = _shift(xa)
-    var, mean_d = torch.var_mean(xa - _per_channel(shift, xa), _reduce_dims(xa), correction=0)
+    var, mean_d = torch.var_mean(xa - per_channel(shift, xa), reduce_dims(xa), correction=0)
     return shift, mean_d, var
 
 
 def grad_input_from_means(dy: Tensor, x_hat: Tensor, mean_dy: Tensor, mean_dy_xhat: Tensor, gain: Tensor) -> Tensor:  # fmt: skip
     """``dx = gain · (dy − mean(dy) − x̂ · mean(dy·x̂))``, the means over the (global) batch."""
-    return (dy - _per_channel(mean_dy, dy) - x_hat * _per_channel(mean_dy_xhat, dy)) * _per_channel(gain, dy)  # fmt: skip
+    return (dy - per_channel(mean_dy, dy) - x_hat * per_channel(mean_dy_xhat, dy)) * per_channel(gain, dy)  # fmt: skip
 
 
 NONFINITE_POLICIES = ("skip", "raise", "propagate")
@@ -189,12 +189,12 @@ class _BatchNormFunction(torch.autograd.Function):
             mean_d = torch.zeros_like(shift)
             invstd = torch.rsqrt(running_var.to(acc) + eps)
         scale = invstd if weight is None else invstd * weight.to(acc)
-        out = xa - _per_channel(shift, xa)
+        out = xa - per_channel(shift, xa)
         if training:
-            out.sub_(_per_channel(mean_d, xa))
-        out.mul_(_per_channel(scale, xa))
+            out.sub_(per_channel(mean_d, xa))
+        out.mul_(per_channel(scale, xa))
         if bias is not None:
-            out.add_(_per_channel(bias.to(acc), xa))
+            out.add_(per_channel(bias.to(acc), xa))
         ctx.save_for_backward(input, weight, shift, mean_d, invstd)
         ctx.training, ctx.eps = training, eps
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -207,13 +207,11 @@ class _BatchNormFunction(torch.autograd.Function):
         xa = input.to(acc)
         if ctx.training and torch.is_grad_enabled():
             # Double backward: statistics must be functions of the input in the graph.
-            var, mean_d = torch.var_mean(
-                xa - _per_channel(shift, xa), _reduce_dims(xa), correction=0
-            )
+            var, mean_d = torch.var_mean(xa - per_channel(shift, xa), reduce_dims(xa), correction=0)
             invstd = torch.rsqrt(var + ctx.eps)
-        dims = _reduce_dims(xa)
+        dims = reduce_dims(xa)
         dy = grad_out.to(acc)
-        x_hat = (xa - _per_channel(shift, xa) - _per_channel(mean_d, xa)) * _per_channel(invstd, xa)
+        x_hat = (xa - per_channel(shift, xa) - per_channel(mean_d, xa)) * per_channel(invstd, xa)
         sum_dy = dy.sum(dims)
         sum_dy_xhat = (dy * x_hat).sum(dims)
         grad_input = grad_weight = grad_bias = None
@@ -223,7 +221,7 @@ class _BatchNormFunction(torch.autograd.Function):
                 count = input.numel() // input.shape[1]
                 grad_input = grad_input_from_means(dy, x_hat, sum_dy / count, sum_dy_xhat / count, gain)  # fmt: skip
             else:
-                grad_input = dy * _per_channel(gain, xa)
+                grad_input = dy * per_channel(gain, xa)
             grad_input = grad_input.to(input.dtype)
         if weight is not None and ctx.needs_input_grad[1]:
             grad_weight = sum_dy_xhat.to(weight.dtype)

@@ -61,9 +61,9 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         mean_d = (mean - shift.double()).to(acc)
         invstd = invstd.to(acc)
         scale = invstd if weight is None else invstd * weight.to(acc)
-        out = (xa - F._per_channel(shift, xa) - F._per_channel(mean_d, xa)) * F._per_channel(scale, xa)  # fmt: skip
+        out = (xa - F.per_channel(shift, xa) - F.per_channel(mean_d, xa)) * F.per_channel(scale, xa)  # fmt: skip
         if bias is not None:
-            out = out + F._per_channel(bias.to(acc), xa)
+            out = out + F.per_channel(bias.to(acc), xa)
         ctx.save_for_backward(input, weight, shift, mean_d, invstd)
         ctx.total, ctx.group = total, group
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -75,8 +75,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         input, weight, shift, mean_d, invstd = ctx.saved_tensors
         acc = shift.dtype
         xa, dy = input.to(acc), grad_out.to(acc)
-        dims = F._reduce_dims(xa)
-        x_hat = (xa - F._per_channel(shift, xa) - F._per_channel(mean_d, xa)) * F._per_channel(invstd, xa)  # fmt: skip
+        dims = F.reduce_dims(xa)
+        x_hat = (xa - F.per_channel(shift, xa) - F.per_channel(mean_d, xa)) * F.per_channel(invstd, xa)  # fmt: skip
         local_dy = dy.sum(dims) if dy.numel() else torch.zeros_like(shift)
         local_dy_xhat = (dy * x_hat).sum(dims) if dy.numel() else torch.zeros_like(shift)
         sums = torch.cat([local_dy, local_dy_xhat]).double()

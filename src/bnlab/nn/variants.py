@@ -15,9 +15,9 @@ from bnlab.nn.batchnorm import _BatchNorm
 
 def _affine(x_hat: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
     if weight is not None:
-        x_hat = x_hat * F._per_channel(weight, x_hat)
+        x_hat = x_hat * F.per_channel(weight, x_hat)
     if bias is not None:
-        x_hat = x_hat + F._per_channel(bias, x_hat)
+        x_hat = x_hat + F.per_channel(bias, x_hat)
     return x_hat
 
 
@@ -154,7 +154,7 @@ class _BatchRenorm(_BatchNorm):
         sigma = torch.sqrt(self.running_var.to(acc) + self.eps)
         r = (std.detach() / sigma).clamp(1.0 / r_max, r_max)
         d = ((mean.detach() - self.running_mean.to(acc)) / sigma).clamp(-d_max, d_max)
-        x_hat = (x - F._per_channel(mean, x)) * F._per_channel(r / std, x) + F._per_channel(d, x)
+        x_hat = (x - F.per_channel(mean, x)) * F.per_channel(r / std, x) + F.per_channel(d, x)
         self._update(mean.detach(), std.detach(), sigma)
         return _affine(x_hat, self.weight, self.bias).to(input.dtype)
 
