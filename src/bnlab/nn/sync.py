@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 
 from bnlab import functional as F
-from bnlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
+from bnlab.nn.batchnorm import _BatchNorm
 
 
 def _distributed(group) -> bool:
@@ -151,61 +151,4 @@ class SyncBatchNorm(_BatchNorm):
         )
 
 
-# Exactly these classes are converted: a subclass with its own forward (Ghost BN, Batch
-# Renorm, a user's) would lose its behaviour as a SyncBatchNorm, so it is left as it is.
-_CONVERTIBLE = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, BatchNorm1d, BatchNorm2d, BatchNorm3d)  # fmt: skip
-
-
-def _dtype(module: nn.Module) -> torch.dtype:
-    tensors = [t for t in (module.weight, module.running_mean) if t is not None]
-    return tensors[0].dtype if tensors else torch.get_default_dtype()
-
-
-def _copy_state(source: nn.Module, target: nn.Module) -> nn.Module:
-    with torch.no_grad():
-        for name in ("weight", "bias"):
-            if getattr(source, name, None) is not None and getattr(target, name, None) is not None:
-                getattr(target, name).copy_(getattr(source, name))
-        if source.running_mean is not None and target.running_mean is not None:
-            target.running_mean.copy_(source.running_mean)
-            target.running_var.copy_(source.running_var)
-            target.num_batches_tracked.copy_(source.num_batches_tracked)
-    target.train(source.training)
-    return target.to(next(iter(source.buffers()), torch.empty(0)).device)
-
-
-def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
-    """Replace every BatchNorm1d/2d/3d (bnlab's or torch's) by :class:`SyncBatchNorm`, keeping
-    weights, buffers and mode; :func:`revert_sync_batchnorm` restores the original classes.
-    Subclasses with their own behaviour (Ghost BN, Batch Renorm, ...) are left unchanged."""
-    if type(module) in _CONVERTIBLE:
-        sync = SyncBatchNorm(
-            module.num_features, module.eps, module.momentum, module.affine,
-            module.track_running_stats, process_group,
-            dtype=_dtype(module),
-            bias=getattr(module, "bias", None) is not None or not module.affine,
-            nonfinite=getattr(module, "nonfinite", "skip"),
-        )  # fmt: skip
-        sync._reverts_to = type(module)
-        return _copy_state(module, sync)
-    for name, child in module.named_children():
-        module.add_module(name, convert_sync_batchnorm(child, process_group))
-    return module
-
-
-def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
-    """Turn every :class:`SyncBatchNorm` back into the class it was converted from (bnlab's
-    BatchNorm1d/2d/3d if it was made directly, chosen by the input rank it last saw)."""
-    if isinstance(module, SyncBatchNorm):
-        cls = getattr(module, "_reverts_to", BatchNorm2d)
-        kwargs = {"bias": module.bias is not None or not module.affine}
-        if issubclass(cls, _BatchNorm):
-            kwargs["nonfinite"] = module.nonfinite
-        plain = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats, dtype=_dtype(module), **kwargs)  # fmt: skip
-        return _copy_state(module, plain)
-    for name, child in module.named_children():
-        module.add_module(name, revert_sync_batchnorm(child))
-    return module
-
-
-__all__ = ["SyncBatchNorm", "convert_sync_batchnorm", "revert_sync_batchnorm"]
+__all__ = ["SyncBatchNorm"]
