@@ -216,3 +216,27 @@ def test_cli_fold_full_model_torchscript_and_bad_files(tmp_path):
     for name, message in (("weights.pt", "holds a dict (a state_dict?)"), ("notes.txt", "not a PyTorch model file"), ("none.pt", "file not found")):  # fmt: skip
         result = runner.invoke(app, ["fold", str(tmp_path / name), "-o", str(tmp_path / "out.pt")])
         assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_freeze_picks_the_frozen_class_by_dims_not_by_name():
+    x = torch.randn(4, 3, 5, 5)
+    model = trained(nn.Sequential(nn.Conv2d(3, 4, 1), bnn.SyncBatchNorm(4)), x)
+    frozen = freeze_batchnorm(model)
+    with torch.no_grad():  # a SyncBatchNorm takes any rank: so does its frozen form
+        assert _relative(frozen(x), model(x)) < 1e-6
+    converted = bnn.convert_sync_batchnorm(nn.Sequential(nn.Linear(3, 4), bnn.BatchNorm1d(4)))
+    assert type(freeze_batchnorm(converted)[1]).__name__ == "FrozenBatchNorm1d"
+    assert type(freeze_batchnorm(bnn.GhostBatchNorm2d(4, 2))).__name__ == "FrozenBatchNorm2d"
+
+
+def test_to_torch_batchnorm_keeps_the_dims():
+    from bnlab.inference import to_torch_batchnorm
+
+    x = torch.randn(6, 3)
+    model = trained(nn.Sequential(nn.Linear(3, 4), bnn.GhostBatchNorm1d(4, 2), bnn.SyncBatchNorm(4)), x)  # fmt: skip
+    with pytest.raises(ValueError, match="example: 2 \\(SyncBatchNorm\\) takes any input rank"):
+        to_torch_batchnorm(model)
+    torched = to_torch_batchnorm(model, x)
+    assert type(torched[1]) is nn.BatchNorm1d and type(torched[2]) is nn.BatchNorm1d
+    with torch.no_grad():
+        assert _relative(torched(x), model(x)) < 1e-6

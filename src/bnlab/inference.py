@@ -18,8 +18,14 @@ from torch import nn
 
 from bnlab import nn as bnn
 from bnlab.functional import batch_norm
+from bnlab.nn.classes import (
+    batchnorm_class,
+    batchnorm_dims,
+    input_ranks,
+    is_batchnorm,
+    is_plain_batchnorm,
+)
 
-BATCHNORMS = (nn.modules.batchnorm._BatchNorm, bnn.batchnorm._BatchNorm)
 FOLDABLE_INTO = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
@@ -36,10 +42,6 @@ class FoldReport:
         lines += [f"  {bn} -> {into}" for bn, into in self.folded]
         lines += [f"  kept {bn}: {reason}" for bn, reason in self.kept]
         return "\n".join(lines)
-
-
-def is_batchnorm(module: nn.Module) -> bool:
-    return isinstance(module, BATCHNORMS)
 
 
 def fold_parameters(layer: nn.Module, bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -236,12 +238,18 @@ class FrozenBatchNorm3d(_FrozenBatchNorm):
     _expected_dims = (5,)
 
 
+class FrozenBatchNorm(_FrozenBatchNorm):
+    """Frozen form of a BN that takes any rank (a SyncBatchNorm): (N, C, *) of rank 2 to 5."""
+
+    _expected_dims = (2, 3, 4, 5)
+
+
+_FROZEN = {1: FrozenBatchNorm1d, 2: FrozenBatchNorm2d, 3: FrozenBatchNorm3d, None: FrozenBatchNorm}
+
+
 def _frozen_class(bn: nn.Module) -> type[_FrozenBatchNorm]:
-    names = {1: FrozenBatchNorm1d, 2: FrozenBatchNorm2d, 3: FrozenBatchNorm3d}
-    for dims, cls in names.items():
-        if type(bn).__name__.endswith(f"{dims}d"):
-            return cls
-    return FrozenBatchNorm2d if isinstance(bn, nn.BatchNorm2d) else FrozenBatchNorm1d
+    """The frozen class with ``bn``'s dims (see :func:`bnlab.nn.batchnorm_dims`)."""
+    return _FROZEN[batchnorm_dims(bn)]
 
 
 def freeze_batchnorm(model: nn.Module, inplace: bool = False) -> nn.Module:
@@ -252,7 +260,7 @@ def freeze_batchnorm(model: nn.Module, inplace: bool = False) -> nn.Module:
     names = [name for name, m in target.named_modules() if is_batchnorm(m)]
     if not names:
         raise ValueError("model: expected at least one BatchNorm layer to freeze, found none")
-    if isinstance(target, BATCHNORMS):
+    if is_batchnorm(target):
         return _frozen_class(target).from_batchnorm(target)
     for name in names:
         bn = target.get_submodule(name)
@@ -315,20 +323,31 @@ def recalibrate(
     return model
 
 
-def to_torch_batchnorm(model: nn.Module) -> nn.Module:
-    """A copy in which bnlab's BatchNorm and frozen BN layers are torch's (same state), so
-    that exporters and TorchScript, which know torch's layers, can handle the model."""
+def to_torch_batchnorm(model: nn.Module, example: torch.Tensor | None = None) -> nn.Module:
+    """A copy in which bnlab's BatchNorm and frozen BN layers are torch's BatchNormNd of the
+    same dims (same state), so that exporters and TorchScript, which know torch's layers, can
+    handle the model. Layers that take any rank (SyncBatchNorm) get the dims of the input they
+    see on ``example``; without it they are a ``ValueError``."""
     target = copy.deepcopy(model)
-    for name, module in list(target.named_modules()):
-        if not isinstance(module, (bnn.batchnorm._BatchNorm, _FrozenBatchNorm)):
-            continue
-        dims = {FrozenBatchNorm1d: 1, FrozenBatchNorm3d: 3}.get(type(module), 2)
-        if isinstance(module, bnn.batchnorm._BatchNorm):
-            dims = {bnn.BatchNorm1d: 1, bnn.BatchNorm3d: 3}.get(type(module), 2)
-        cls = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dims]
+    replace = [
+        (name, m) for name, m in target.named_modules()
+        if isinstance(m, _FrozenBatchNorm) or (is_plain_batchnorm(m) and not isinstance(m, nn.modules.batchnorm._BatchNorm))
+    ]  # fmt: skip
+    ranks = None
+    for name, module in replace:
+        dims = batchnorm_dims(module)
+        if dims is None:
+            if example is None:
+                raise ValueError(
+                    f"example: {name or 'model'} ({type(module).__name__}) takes any input rank; "
+                    "expected an example input to tell its dims, got None"
+                )
+            ranks = input_ranks(model, example) if ranks is None else ranks
+            dims = bnn.dims_for_rank(ranks[name])
         affine = getattr(module, "affine", True)
         tracked = module.running_mean is not None
-        replacement = cls(module.num_features, module.eps, getattr(module, "momentum", 0.1), affine, tracked)  # fmt: skip
+        momentum = getattr(module, "momentum", 0.1)
+        replacement = batchnorm_class(dims, "torch")(module.num_features, module.eps, momentum, affine, tracked)  # fmt: skip
         replacement.load_state_dict(module.state_dict())
         replacement.train(module.training)
         if name:
@@ -350,7 +369,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path, fold: bool = True
         raise TypeError(f"example: expected an input Tensor, got {type(example).__name__}")
     has_bn = any(is_batchnorm(m) for m in model.modules())
     prepared = fold_batchnorm(model) if fold and has_bn else copy.deepcopy(model).eval()
-    prepared = to_torch_batchnorm(prepared).eval()
+    prepared = to_torch_batchnorm(prepared, example).eval()
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript-based exporter

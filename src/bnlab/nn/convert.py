@@ -28,6 +28,7 @@ import warnings
 from torch import nn
 
 from bnlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
+from bnlab.nn.classes import batchnorm_class
 from bnlab.nn.fused import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
 from bnlab.nn.sync import SyncBatchNorm
 
@@ -206,11 +207,20 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
     return module
 
 
-def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
-    """Turn every bnlab :class:`SyncBatchNorm` back into the class it was converted from
-    (bnlab's BatchNorm1d/2d/3d if it was made directly, by the input rank it accepts: 2d)."""
+def revert_sync_batchnorm(module: nn.Module, dims: int | None = None) -> nn.Module:
+    """Turn every bnlab :class:`SyncBatchNorm` back into the class it was converted from; one
+    made directly (no record) becomes bnlab's BatchNorm of ``dims`` (1, 2 or 3). A
+    SyncBatchNorm takes any input rank and does not remember the rank it saw, so without a
+    record and without ``dims`` that is a ``ValueError`` (see :func:`bnlab.nn.input_ranks`)."""
     if isinstance(module, SyncBatchNorm):
-        cls = getattr(module, "_reverts_to", BatchNorm2d)
+        cls = getattr(module, "_reverts_to", None)
+        if cls is None:
+            if dims is None:
+                raise ValueError(
+                    "dims: this SyncBatchNorm was not made by convert_sync_batchnorm, so the "
+                    "rank of its input is unknown; expected dims=1, 2 or 3, got None"
+                )
+            cls = batchnorm_class(dims)
         if issubclass(cls, _BatchNorm):
             kwargs = {"bias": _has_bias(module), "nonfinite": module.nonfinite}
         else:
@@ -219,5 +229,5 @@ def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
         args = (*_hyper(module), module.process_group) if cls is nn.SyncBatchNorm else _hyper(module)  # fmt: skip
         return _move_state(module, cls(*args, **kwargs))
     for name, child in module.named_children():
-        module.add_module(name, revert_sync_batchnorm(child))
+        module.add_module(name, revert_sync_batchnorm(child, dims))
     return module
