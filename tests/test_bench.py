@@ -1,14 +1,21 @@
-"""`bnlab bench` in a tiny smoke configuration (no timing assertions), and allocator tuning."""
+"""`bnlab bench` in tiny smoke configurations (no timing assertions), and allocator tuning."""
 
 import json
 import subprocess
 import sys
 
+import numpy as np
+import pytest
+import torch
 from typer.testing import CliRunner
 
 from bnlab import allocator
-from bnlab.bench import MODES, cases, run_benchmarks
-from bnlab.benchreport import markdown, render
+from bnlab import nn as bnn
+from bnlab.bench.kernels import MODES, cases, run_benchmarks
+from bnlab.bench.models import arms
+from bnlab.bench.report import markdown, render
+from bnlab.bench.resnets import resnet
+from bnlab.bench.timing import alternate, bootstrap_interval, cost_ratio, median_ratio
 from bnlab.cli import app
 from bnlab.lab.endtoend import compare_epochs
 
@@ -33,8 +40,8 @@ def test_epoch_comparison_smoke():
 
 
 def test_cli_bench_quick(tmp_path, monkeypatch):
-    monkeypatch.setattr("bnlab.bench.SHAPES", {"small": (4, 3, 5, 5)})
-    result = CliRunner().invoke(app, ["bench", "--quick", "--no-tuned", "--no-epoch", "--repeats", "2", "--out", str(tmp_path)])  # fmt: skip
+    monkeypatch.setattr("bnlab.bench.kernels.SHAPES", {"small": (4, 3, 5, 5)})
+    result = CliRunner().invoke(app, ["bench", "--quick", "--no-tuned", "--no-epoch", "--no-models", "--repeats", "2", "--out", str(tmp_path)])  # fmt: skip
     assert result.exit_code == 0, result.output
     assert (tmp_path / "bench.json").exists() and "speed-up" in result.output
 
@@ -45,3 +52,45 @@ def test_tuned_allocator_environment():
     code = "import os; print(os.environ['MALLOC_TRIM_THRESHOLD_'])"
     out = subprocess.run([sys.executable, "-m", "bnlab", "tuned", "--", sys.executable, "-c", code], capture_output=True, text=True, check=True)  # fmt: skip
     assert out.stdout.strip() == str(4 << 30)
+
+
+def test_alternate_rotates_the_order_and_counts_rounds():
+    calls = []
+    times = alternate({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=3, warmup=1)  # fmt: skip
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]
+    assert [len(t) for t in times.values()] == [3, 3] and min(times["a"]) >= 0
+    with pytest.raises(ValueError, match="rounds: expected at least 1, got 0"):
+        alternate({"a": lambda: None}, rounds=0, warmup=0)
+
+
+def test_bootstrap_interval_holds_the_statistic_and_pairs_rounds():
+    rng = np.random.default_rng(0)
+    slow, fast = 2.0 + 0.1 * rng.random(30), 1.0 + 0.05 * rng.random(30)
+    low, high = bootstrap_interval(median_ratio, slow, fast, resamples=500)
+    assert low <= median_ratio(slow, fast) <= high and 1.8 < low < high < 2.2
+    # identical candidates paired by round: every resample gives exactly 1
+    assert bootstrap_interval(median_ratio, slow, slow, resamples=50) == (1.0, 1.0)
+    assert cost_ratio(np.array([3.0]), np.array([5.0]), np.array([1.0])) == 0.5
+    with pytest.raises(ValueError, match="samples: expected equally long"):
+        bootstrap_interval(median_ratio, [1.0, 2.0], [1.0])
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_resnets_have_torchvisions_layout(name):
+    model = resnet(name, width=4, classes=7)
+    convs = sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+    assert (
+        convs == {"resnet18": 20, "resnet50": 53}[name]
+    )  # torchvision's counts, downsample included
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 7)
+    with pytest.raises(ValueError, match="name: expected one of"):
+        resnet("resnet34")
+
+
+def test_arms_share_weights_and_differ_only_in_bn():
+    models = arms("resnet18", width=4)
+    kinds = {name: {type(m) for m in model.modules()} for name, model in models.items()}
+    assert torch.nn.BatchNorm2d in kinds["torch"] and bnn.BatchNorm2d in kinds["bnlab"]
+    assert not any(issubclass(k, (torch.nn.BatchNorm2d, bnn.BatchNorm2d)) for k in kinds["identity"])  # fmt: skip
+    for name in ("bnlab", "identity"):
+        torch.testing.assert_close(models[name].conv1.weight, models["torch"].conv1.weight)

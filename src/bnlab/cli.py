@@ -123,41 +123,108 @@ def bench(
     out: Path = typer.Option(Path("runs/bench"), help="Directory for bench.json and bench.png."),
     repeats: int = typer.Option(15, help="Minimum timed repetitions per case (median reported)."),
     compile: bool = typer.Option(False, "--compile", help="Also time torch.compile'd BatchNorm."),
-    quick: bool = typer.Option(False, "--quick", help="Small and medium shapes only."),
+    quick: bool = typer.Option(
+        False,
+        "--quick",
+        help="Small and medium shapes only; real models: resnet18 at batch 8, 64² only.",
+    ),
     epoch: bool = typer.Option(True, help="Also time one training epoch of the lab's CNN."),
     tuned: bool = typer.Option(True, help="Also run everything under the tuned glibc allocator."),
+    kernels: bool = typer.Option(True, help="Time the BN layers alone (the shapes table)."),
+    models: bool = typer.Option(
+        True,
+        help="Time training steps and eval of ResNet-shaped networks: torch BN, bnlab BN, BN as identity.",
+    ),
+    networks: str = typer.Option("resnet18,resnet50", help="Real-model networks, comma-separated."),
+    sizes: str = typer.Option(
+        "b8-64,b32-112", help="Real-model batch/image sizes: b<batch>-<side>, comma-separated."
+    ),
+    model_rounds: int = typer.Option(
+        10,
+        help="Real models: alternating timed rounds after warm-up (at least 10 for a reportable figure).",
+    ),
+    model_warmup: int = typer.Option(2, help="Real models: untimed warm-up calls per arm."),
+    model_width: int = typer.Option(
+        64,
+        hidden=True,
+        help="Real models: stage width (64 = torchvision's; smaller for smoke tests).",
+    ),
+    threads: int = typer.Option(0, help="torch threads (0: torch's default)."),
 ) -> None:
-    """bnlab vs torch BatchNorm on CPU: times, speed-ups and the bandwidth floor."""
-    from bnlab.allocator import is_tuned
-    from bnlab.bench import SHAPES, run_benchmarks
-    from bnlab.benchreport import render
+    """bnlab vs torch BatchNorm on CPU: BN layers (with the bandwidth floor) and real models."""
+    import torch
 
-    shapes = {k: v for k, v in SHAPES.items() if k in ("small", "medium")} if quick else SHAPES
-    result = run_benchmarks(shapes, repeats=repeats, compile=compile, progress=console.print)
+    from bnlab.allocator import is_tuned
+    from bnlab.bench.report import models_table, render
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    result: dict = {"threads": torch.get_num_threads(), "torch": torch.__version__, "rows": []}
+    if kernels:
+        from bnlab.bench.kernels import SHAPES, run_benchmarks
+
+        shapes = {k: v for k, v in SHAPES.items() if k in ("small", "medium")} if quick else SHAPES
+        result = run_benchmarks(shapes, repeats=repeats, compile=compile, progress=console.print)
+        compiled = result["kernel_compile_seconds"]
+        console.print(
+            f"kernels: first-call compile {compiled:.0f} s (cached on disk since), this process loaded them in {result['kernel_load_seconds']:.2f} s"
+            if compiled is not None
+            else "kernels: not available, bnlab ran its level-2 torch path"
+        )
     result["allocator"] = "tuned" if is_tuned() else "default"
-    compiled = result["kernel_compile_seconds"]
-    console.print(
-        f"kernels: first-call compile {compiled:.0f} s (cached on disk since), this process loaded them in {result['kernel_load_seconds']:.2f} s"
-        if compiled is not None
-        else "kernels: not available, bnlab ran its level-2 torch path"
-    )
     if epoch:
         from bnlab.lab.endtoend import compare_epochs
 
         result["epoch"] = compare_epochs(repeats=1 if quick else 3, images=256 if quick else 2048)
         console.print(f"one CNN epoch: bnlab {result['epoch']['bnlab']:.2f} s, torch {result['epoch']['torch']:.2f} s ({result['epoch']['speedup']:.2f}×)")  # fmt: skip
+    if models:
+        result["models"] = _bench_models(networks, sizes, quick, model_rounds, model_warmup, model_width)  # fmt: skip
     if tuned and not is_tuned():
-        result["tuned"] = _bench_tuned(out, repeats, compile, quick, epoch)
-    console.print(render(result, out))
+        result["tuned"] = _bench_tuned(out)
+    if result["rows"]:
+        console.print(render(result, out))
+    else:
+        from bnlab.files import atomic_write_json
+
+        atomic_write_json(out / "bench.json", result)
+    if "models" in result:
+        console.print(models_table(result["models"]))
     if "tuned" in result:
-        from bnlab.benchreport import table
+        from bnlab.bench.report import table
 
-        console.print(table(result["tuned"]))
-    console.print(f"written: {out / 'bench.json'}, {out / 'bench.png'}")
+        if result["tuned"]["rows"]:
+            console.print(table(result["tuned"]))
+        if "models" in result["tuned"]:
+            console.print(models_table(result["tuned"]["models"]))
+    console.print(f"written: {out / 'bench.json'}" + (f", {out / 'bench.png'}" if result["rows"] else ""))  # fmt: skip
 
 
-def _bench_tuned(out: Path, repeats: int, compile: bool, quick: bool, epoch: bool) -> dict:
-    """The same benchmark in a child process started with the tuned allocator."""
+def _bench_models(networks: str, sizes: str, quick: bool, rounds: int, warmup: int, width: int) -> dict:  # fmt: skip
+    """The real-model section, with the options checked and parsed."""
+    import re
+
+    from bnlab.bench.models import NETWORKS, run_models
+
+    chosen = [n.strip() for n in networks.split(",") if n.strip()]
+    for network in chosen:
+        if network not in NETWORKS:
+            raise typer.BadParameter(f"expected names from {list(NETWORKS)}, got {network!r}", param_hint="--networks")  # fmt: skip
+    parsed = {}
+    for size in (s.strip() for s in sizes.split(",") if s.strip()):
+        match = re.fullmatch(r"b(\d+)-(\d+)", size)
+        if match is None:
+            raise typer.BadParameter(f"expected b<batch>-<side> such as b8-64, got {size!r}", param_hint="--sizes")  # fmt: skip
+        parsed[size] = (int(match[1]), int(match[2]))
+    if quick:
+        chosen, parsed = chosen[:1], dict(list(parsed.items())[:1])
+    if rounds < 10:
+        console.print(f"[yellow]real models: {rounds} rounds (fewer than 10): not a reportable figure[/yellow]")  # fmt: skip
+    console.print("[bold]real models: torch BN vs bnlab BN (converted) vs BN as identity[/bold]")
+    return run_models(chosen, parsed, rounds=rounds, warmup=warmup, width=width, progress=console.print)  # fmt: skip
+
+
+def _bench_tuned(out: Path) -> dict:
+    """The same benchmark (same options) in a child process under the tuned allocator."""
     import json
     import subprocess
     import sys
@@ -165,11 +232,23 @@ def _bench_tuned(out: Path, repeats: int, compile: bool, quick: bool, epoch: boo
     from bnlab.allocator import tuned_environ
 
     child_out = out / "tuned"
-    argv = [sys.executable, "-m", "bnlab", "bench", "--no-tuned", "--out", str(child_out), "--repeats", str(repeats)]  # fmt: skip
-    argv += ["--compile"] * compile + ["--quick"] * quick + ([] if epoch else ["--no-epoch"])
+    argv = [sys.executable, "-m", "bnlab", *_child_arguments(sys.argv[1:]), "--no-tuned", "--out", str(child_out)]  # fmt: skip
     console.print("[bold]again with the tuned glibc allocator (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_)[/bold]")  # fmt: skip
     subprocess.run(argv, env=tuned_environ(), check=True)
     return json.loads((child_out / "bench.json").read_text())
+
+
+def _child_arguments(arguments: list[str]) -> list[str]:
+    """This command's arguments without ``--out``/``--tuned`` (the child gets its own)."""
+    kept, skip = [], False
+    for argument in arguments:
+        if skip:
+            skip = False
+        elif argument == "--out":
+            skip = True
+        elif not argument.startswith("--out=") and argument not in ("--tuned", "--no-tuned"):
+            kept.append(argument)
+    return kept if kept and kept[0] == "bench" else ["bench", *kept]
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -1,4 +1,4 @@
-"""Side-by-side benchmarks of bnlab's BatchNorm against torch's, in one process.
+"""BN layers alone: bnlab's BatchNorm against torch's, side by side in one process.
 
 For each shape, layout and mode, bnlab, torch native and (optionally) ``torch.compile`` are
 timed alternately in the same process with the same allocator: medians of repeated runs
@@ -22,6 +22,7 @@ import torch
 
 from bnlab import kernels
 from bnlab import nn as bnn
+from bnlab.bench.timing import median_ms
 
 SHAPES = {
     "small": (32, 16, 8, 8),
@@ -55,17 +56,6 @@ class BenchRow:
 
     def as_dict(self) -> dict:
         return {**asdict(self), "speedup": self.speedup, "bnlab_over_floor": self.of_floor}
-
-
-def median_ms(fn: Callable[[], object], repeats: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return 1e3 * statistics.median(times)
 
 
 def _modules(channels: int, dims: int):

@@ -1,4 +1,4 @@
-"""``bnlab bench`` output: a terminal table, ``bench.json`` and a PNG bar chart."""
+"""``bnlab bench`` output: terminal tables, ``bench.json`` and a PNG bar chart."""
 
 from __future__ import annotations
 
@@ -68,4 +68,45 @@ def markdown(result: dict) -> str:
             f"| {r['shape']} {'×'.join(map(str, r['dims']))} | {r['layout']} | {r['mode']} | {r['bnlab_ms']:.3f} "
             f"| {r['torch_ms']:.3f} | {r['speedup']:.2f}× | {r['floor_ms']:.3f} | {r['bnlab_over_floor']:.2f}× |"
         )
+    return "\n".join(lines)
+
+
+MODEL_COLUMNS = ("network", "batch, image", "mode", "torch ms", "bnlab ms", "BN=identity ms", "speed-up [95% CI]", "bnlab BN cost / torch's [95% CI]")  # fmt: skip
+
+
+def _model_cells(row: dict) -> list[str]:
+    low, high = row["speedup_ci"]
+    cost = "n/a (torch BN costs nothing measurable)"
+    if row["cost_ratio"] is not None:
+        cost_low, cost_high = row["cost_ratio_ci"]
+        cost = f"{row['cost_ratio']:.2f} [{cost_low:.2f}, {cost_high:.2f}]"
+    return [
+        row["network"], f"{row['batch']}, {row['side']}²", row["mode"],
+        f"{row['torch_ms']:.1f}", f"{row['bnlab_ms']:.1f}", f"{row['identity_ms']:.1f}",
+        f"{row['speedup']:.3f}× [{low:.3f}, {high:.3f}]", cost,
+    ]  # fmt: skip
+
+
+def _model_title(result: dict) -> str:
+    return (
+        f"real models: {result['threads']} threads, {result['allocator']} allocator, torch "
+        f"{result['torch']}, {result['cpu']}; medians of {result['rounds']} alternating rounds "
+        f"after {result['warmup']} warm-up"
+    )
+
+
+def models_table(result: dict) -> Table:
+    """The real-model section (:func:`bnlab.bench.models.run_models`) as a terminal table."""
+    view = Table(title=_model_title(result))
+    for column in MODEL_COLUMNS:
+        view.add_column(column, justify="left" if column in ("network", "mode") else "right")
+    for row in result["rows"]:
+        view.add_row(*_model_cells(row))
+    return view
+
+
+def models_markdown(result: dict) -> str:
+    """The real-model section as Markdown (for the README), its conditions first."""
+    lines = [_model_title(result) + ".", "", "| " + " | ".join(MODEL_COLUMNS) + " |", "|---" * len(MODEL_COLUMNS) + "|"]  # fmt: skip
+    lines += ["| " + " | ".join(_model_cells(row)) + " |" for row in result["rows"]]
     return "\n".join(lines)

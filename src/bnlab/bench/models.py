@@ -1,0 +1,148 @@
+"""Real-model benchmark: a training step and an eval forward of ResNet-shaped networks with
+torch's BN, with bnlab's (the same model through :func:`bnlab.nn.convert`), and with BN
+replaced by identity (the ceiling: no normalization at all).
+
+All arms of a case are built from identical weights and timed in one process, alternating
+round by round (:func:`bnlab.bench.timing.alternate`). Reported per case: medians, the
+speed-up ``torch / bnlab`` with a paired bootstrap interval, and BN's cost inside the step,
+``cost = arm − identity``, with ``bnlab cost / torch cost`` and its interval.
+
+    training step  SGD (momentum 0.9): zero_grad, forward, cross-entropy, backward, step
+    eval           forward of the eval-mode model under ``torch.no_grad()``
+"""
+
+from __future__ import annotations
+
+import copy
+import platform
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bnlab import nn as bnn
+from bnlab.allocator import is_tuned
+from bnlab.bench.resnets import resnet
+from bnlab.bench.timing import alternate, bootstrap_interval, cost_ratio, median_ratio
+
+SIZES = {"b8-64": (8, 64), "b32-112": (32, 112)}  # name: (batch, image side)
+NETWORKS = ("resnet18", "resnet50")
+MODES = ("train", "eval")
+ARMS = ("torch", "bnlab", "identity")
+
+
+def _without_batchnorm(model: nn.Module) -> nn.Module:
+    for name, child in model.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            setattr(model, name, nn.Identity())
+        else:
+            _without_batchnorm(child)
+    return model
+
+
+def arms(network: str, width: int = 64, seed: int = 0) -> dict[str, nn.Module]:
+    """The three arms of ``network``: torch BN, bnlab BN, BN as identity; same weights."""
+    torch.manual_seed(seed)
+    reference = resnet(network, width)
+    return {
+        "torch": reference,
+        "bnlab": bnn.convert(copy.deepcopy(reference)),
+        "identity": _without_batchnorm(copy.deepcopy(reference)),
+    }
+
+
+def step(model: nn.Module, x: torch.Tensor, target: torch.Tensor, mode: str) -> Callable[[], float]:  # fmt: skip
+    """A callable running one training step (or eval forward) of ``model``; returns the loss."""
+    if mode == "eval":
+        model.eval()
+
+        def forward() -> float:
+            with torch.no_grad():
+                return float(F.cross_entropy(model(x), target))
+
+        return forward
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def train_step() -> float:
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), target)
+        loss.backward()
+        optimizer.step()
+        return float(loss)
+
+    return train_step
+
+
+def bench_case(network: str, size: str, mode: str, *, rounds: int = 10, warmup: int = 2, width: int = 64, sizes: dict = SIZES, resamples: int = 2000) -> dict:  # fmt: skip
+    """Time one (network, batch and image size, mode) for every arm; a JSON-ready row."""
+    batch, side = sizes[size]
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 3, side, side, generator=generator)
+    target = torch.randint(0, 1000, (batch,), generator=generator)
+    models = arms(network, width)
+    calls = {name: step(model, x, target, mode) for name, model in models.items()}
+    losses = {name: fn() for name, fn in calls.items()}  # also checks that every arm runs
+    times = alternate(calls, rounds, warmup)
+    t, b, i = (np.asarray(times[a]) for a in ARMS)
+    row = {
+        "network": network, "size": size, "batch": batch, "side": side, "mode": mode,
+        "rounds": rounds, "warmup": warmup, "width": width,
+        **{f"{a}_ms": float(np.median(times[a])) for a in ARMS},
+        "times_ms": times,
+        "finite": {a: bool(np.isfinite(v)) for a, v in losses.items()},
+        "speedup": median_ratio(t, b),
+        "speedup_ci": bootstrap_interval(median_ratio, t, b, resamples=resamples),
+        "identity_speedup": median_ratio(t, i),
+    }  # fmt: skip
+    if np.median(t) > np.median(i):  # BN's cost is measurable: compare bnlab's to torch's
+        row["cost_ratio"] = cost_ratio(b, t, i)
+        row["cost_ratio_ci"] = bootstrap_interval(cost_ratio, b, t, i, resamples=resamples)
+    else:
+        row["cost_ratio"] = row["cost_ratio_ci"] = None
+    row["torch_bn_cost_ms"] = row["torch_ms"] - row["identity_ms"]
+    row["bnlab_bn_cost_ms"] = row["bnlab_ms"] - row["identity_ms"]
+    return row
+
+
+def run_models(networks=NETWORKS, sizes: dict = SIZES, modes=MODES, *, rounds: int = 10, warmup: int = 2, width: int = 64, resamples: int = 2000, progress: Callable[[str], None] | None = None) -> dict:  # fmt: skip
+    """Every (network, size, mode); rows and the environment (threads, allocator, torch)."""
+    rows = []
+    for network in networks:
+        for size in sizes:
+            for mode in modes:
+                row = bench_case(network, size, mode, rounds=rounds, warmup=warmup, width=width, sizes=sizes, resamples=resamples)  # fmt: skip
+                rows.append(row)
+                if progress is not None:
+                    progress(_line(row))
+    return {
+        "rows": rows,
+        "threads": torch.get_num_threads(),
+        "allocator": "tuned" if is_tuned() else "default",
+        "torch": torch.__version__,
+        "cpu": _cpu_name(),
+        "rounds": rounds,
+        "warmup": warmup,
+    }
+
+
+def _line(row: dict) -> str:
+    low, high = row["speedup_ci"]
+    return (
+        f"{row['network']} {row['size']} {row['mode']}: torch {row['torch_ms']:.1f} ms, bnlab "
+        f"{row['bnlab_ms']:.1f} ms ({row['speedup']:.3f}× [{low:.3f}, {high:.3f}]), BN as "
+        f"identity {row['identity_ms']:.1f} ms"
+    )
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
