@@ -1,0 +1,93 @@
+"""bnlab's CUDA kernels: Triton implementations of ``bnlab::batch_norm_forward`` and
+``bnlab::batch_norm_backward`` (the semantics of the CPU operators, see TEAM/README).
+
+Nothing here imports Triton or touches CUDA until asked: :func:`available` checks,
+:func:`register` installs the kernels at the operators' CUDA dispatch key, and
+:func:`forward` / :func:`backward` import the kernels on first call. Under
+``TRITON_INTERPRET=1`` (set before Triton is imported) the same kernels run on CPU tensors.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+__all__ = ["available", "backward", "flush_reports", "forward", "interpreted", "register"]
+
+_state: dict = {"library": None}
+
+
+def interpreted() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def available() -> bool:
+    """Whether the kernels can run here: Triton installed and a CUDA device (or the interpreter)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    if interpreted():
+        return True
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def forward(*args, **kwargs):
+    """``bnlab::batch_norm_forward`` on Triton: ``(out, shift, mean_d, invstd, bad)``."""
+    from bnlab.kernels.cuda import ops
+
+    return ops.forward(*args, **kwargs)
+
+
+def backward(*args, **kwargs):
+    """``bnlab::batch_norm_backward`` on Triton: ``(grad_input, grad_weight, grad_bias,
+    grad_residual)``."""
+    from bnlab.kernels.cuda import ops
+
+    return ops.backward(*args, **kwargs)
+
+
+def flush_reports() -> None:
+    """Issue the deferred non-finite warnings now (waits for their device copies)."""
+    from bnlab.kernels.cuda import report
+
+    report.flush()
+
+
+def _forward_impl(input, weight, bias, residual, running_mean, running_var, training,
+                  momentum, eps, activation, nonfinite, report):  # fmt: skip
+    return forward(input, weight, bias, residual, running_mean, running_var, training,
+                   momentum, eps, activation, nonfinite, report)  # fmt: skip
+
+
+def _backward_impl(grad_out, input, weight, output, shift, mean_d, invstd, training,
+                   activation, output_mask):  # fmt: skip
+    return backward(grad_out, input, weight, output, shift, mean_d, invstd, training,
+                    activation, list(output_mask))  # fmt: skip
+
+
+def registered() -> bool:
+    return _state["library"] is not None
+
+
+def register() -> bool:
+    """Register the kernels for ``bnlab::batch_norm_forward`` / ``_backward`` at the CUDA
+    dispatch key. Idempotent; False (nothing done) if the operators are not defined yet or
+    the kernels cannot run here."""
+    if _state["library"] is not None:
+        return True
+    if not available():
+        return False
+    import torch
+
+    try:
+        torch.ops.bnlab.batch_norm_forward  # noqa: B018  (defined by bnlab's C++ extension)
+        torch.ops.bnlab.batch_norm_backward  # noqa: B018
+    except (AttributeError, RuntimeError):
+        return False
+    library = torch.library.Library("bnlab", "IMPL")
+    library.impl("batch_norm_forward", _forward_impl, "CUDA")
+    library.impl("batch_norm_backward", _backward_impl, "CUDA")
+    _state["library"] = library
+    return True

@@ -1,0 +1,156 @@
+"""``forward`` / ``backward``: the ``bnlab::batch_norm_forward`` / ``_backward`` semantics on
+the Triton kernels (CUDA tensors; CPU tensors under ``TRITON_INTERPRET=1``).
+
+Training forward = 2 launches (statistics with a fused finalization, then normalize + the
+running-statistics update), eval forward = 1, backward = 2 (1 in eval). No host sync: the
+``nonfinite`` policy is applied on the device; see :mod:`.report` for how ``bad`` is reported.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from bnlab.kernels.cuda import report
+from bnlab.kernels.cuda.plan import Plan, geometry, make_plan, to_layout
+from bnlab.kernels.cuda.triton_kernels import (
+    backward_apply_kernel,
+    forward_apply_kernel,
+    sums_kernel,
+)
+
+_TL_DTYPES: dict = {}
+_COUNTERS: dict = {}
+
+
+def _acc(dtype: torch.dtype):
+    import triton.language as tl
+
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _split(value: float) -> tuple[float, float]:
+    """value as hi + lo float32s (Triton passes float scalars as float32): ~48 exact bits."""
+    hi = float(torch.tensor(value, dtype=torch.float32))
+    return hi, float(torch.tensor(value - hi, dtype=torch.float32))
+
+
+def _counter(device: torch.device, size: int) -> Tensor:
+    """Zeroed int32 tickets, one per channel block; the finalizing CTA resets its own to 0, so
+    the buffer is reused (one per device and stream: launches on one stream are ordered)."""
+    stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
+    key = (device, stream)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < size:
+        buf = torch.zeros(max(size, 1024), dtype=torch.int32, device=device)
+        _COUNTERS[key] = buf
+    return buf
+
+
+def _sums(plan: Plan, x, g, y, shift, mean_d, invstd, out1, out2, eps, backward, relu):
+    acc = compute_dtype(x.dtype)
+    part = torch.empty((2, plan.chunks, plan.C), dtype=acc, device=x.device)
+    eps_hi, eps_lo = _split(eps)
+    sums_kernel[(plan.chunks, plan.cblocks)](
+        x, g if g is not None else x, y if y is not None else x,
+        shift, mean_d, invstd, out1, out2, part, _counter(x.device, plan.cblocks),
+        plan.M, plan.C, plan.S, plan.tiles_per_chunk, plan.chunks, eps_hi, eps_lo,
+        BACKWARD=backward, RELU=relu, ROWS=plan.rows, WIDE=plan.wide, ACC=_acc(x.dtype),
+        BLOCK_R=plan.block_r, BLOCK_C=plan.block_c, FIN_K=plan.fin_k, num_warps=plan.warps,
+    )  # fmt: skip
+
+
+def forward(
+    input: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None,
+    running_mean: Tensor | None, running_var: Tensor | None, training: bool, momentum: float,
+    eps: float, activation: int, nonfinite: int, report_: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """``(out, shift, mean_d, invstd, bad)``; ``out = act((x - shift - mean_d)·invstd·w + b
+    [+ residual])`` in input's dtype and memory format; running statistics updated in place."""
+    x, geo = geometry(input)
+    acc = compute_dtype(x.dtype)
+    C = x.shape[1]
+    dev = x.device
+    shift = torch.empty(C, dtype=acc, device=dev)
+    mean_d = torch.empty(C, dtype=acc, device=dev)
+    invstd = torch.empty(C, dtype=acc, device=dev)
+    bad = torch.empty(C, dtype=torch.bool, device=dev)
+    out = torch.empty_like(x)
+    if x.numel() == 0:
+        shift.zero_(), mean_d.zero_(), invstd.zero_(), bad.zero_()
+        return out, shift, mean_d, invstd, bad
+    if not training and (running_mean is None or running_var is None):
+        raise ValueError("running_mean, running_var: expected tensors in eval mode, got None")
+    res = to_layout(residual, x) if residual is not None else None
+    plan = make_plan(geo, x)
+    var = torch.empty(C, dtype=acc, device=dev) if training else bad
+    if training:
+        _sums(plan, x, None, None, shift, mean_d, invstd, var, bad, eps, False, False)
+    mom_hi, mom_lo = _split(momentum)
+    eps_hi, eps_lo = _split(eps)
+    dummy = shift
+    forward_apply_kernel[(plan.apply_chunks, plan.cblocks)](
+        x, res if res is not None else x, out, shift, mean_d, invstd,
+        weight if weight is not None else dummy, bias if bias is not None else dummy,
+        running_mean if running_mean is not None else dummy,
+        running_var if running_var is not None else dummy, var, bad,
+        plan.M, plan.C, plan.S, plan.apply_tiles_per_chunk, mom_hi, mom_lo, eps_hi, eps_lo,
+        TRAINING=training, HAS_W=weight is not None, HAS_B=bias is not None,
+        HAS_RES=res is not None, RELU=activation == 1, POLICY=int(nonfinite),
+        HAS_RM=running_mean is not None, HAS_RV=running_var is not None, ROWS=plan.rows,
+        WIDE=plan.wide, ACC=_acc(x.dtype), BLOCK_R=plan.block_r, BLOCK_C=plan.block_c,
+        UPD_BLOCK=plan.upd_block, num_warps=plan.warps,
+    )  # fmt: skip
+    if report_ and training and nonfinite in (1, 2):
+        report.report(bad, int(nonfinite))
+    return out, shift, mean_d, invstd, bad
+
+
+def backward(
+    grad_out: Tensor, input: Tensor, weight: Tensor | None, output: Tensor | None,
+    shift: Tensor, mean_d: Tensor, invstd: Tensor, training: bool, activation: int,
+    output_mask: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """``(grad_input, grad_weight, grad_bias, grad_residual)``; those not in ``output_mask``
+    are empty. ``g = grad_out·[output > 0]`` for ReLU; grad_weight = Σg·x̂, grad_bias = Σg."""
+    want_dx, want_dw, want_db, want_dres = (bool(v) for v in output_mask)
+    relu = activation == 1
+    if relu and output is None:
+        raise ValueError("output: expected the forward's output for activation=1 (ReLU), got None")
+    x, geo = geometry(input)
+    g = to_layout(grad_out, x)
+    y = to_layout(output, x) if relu else None
+    acc = compute_dtype(x.dtype)
+    C, dev = x.shape[1], x.device
+    empty = torch.empty(0, dtype=acc, device=dev)
+    need_sums = want_dw or want_db or (want_dx and training)
+    sum_g = torch.zeros(C, dtype=acc, device=dev) if need_sums else empty
+    sum_gx = torch.zeros(C, dtype=acc, device=dev) if need_sums else empty
+    dx = torch.empty_like(x) if want_dx else torch.empty(0, dtype=x.dtype, device=dev)
+    dres = torch.empty_like(x) if want_dres else torch.empty(0, dtype=x.dtype, device=dev)
+    if x.numel() > 0:
+        plan = make_plan(geo, x)
+        if need_sums:
+            _sums(plan, x, g, y, shift, mean_d, invstd, sum_g, sum_gx, 1.0, True, relu)
+        if want_dx or want_dres:
+            backward_apply_kernel[(plan.apply_chunks, plan.cblocks)](
+                g, x, y if y is not None else x, dx if want_dx else x, dres if want_dres else x,
+                shift, mean_d, invstd, weight if weight is not None else invstd,
+                sum_g if need_sums else invstd, sum_gx if need_sums else invstd,
+                plan.M, plan.C, plan.S, plan.apply_tiles_per_chunk,
+                TRAINING=training, HAS_W=weight is not None, RELU=relu, WANT_DX=want_dx,
+                WANT_DRES=want_dres, ROWS=plan.rows, WIDE=plan.wide, ACC=_acc(x.dtype),
+                BLOCK_R=plan.block_r, BLOCK_C=plan.block_c, num_warps=plan.warps,
+            )  # fmt: skip
+    elif want_dx or want_dres:
+        pass  # empty input: empty gradients
+    return (
+        dx,
+        sum_gx if want_dw else empty,
+        sum_g if want_db else empty,
+        dres,
+    )

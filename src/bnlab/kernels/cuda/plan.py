@@ -1,0 +1,124 @@
+"""Layout and launch geometry for the Triton kernels (no Triton import here).
+
+A tensor (N, C, *spatial) is M = N*S rows of C channels, S = prod(spatial):
+* rows   (channels innermost, element (r, c) at r*C + c): (N, C) input, channels_last,
+  channels_last_3d, and anything with S == 1;
+* planes (NCHW, element (r, c) at (r//S)*C*S + c*S + r%S): contiguous 3-d to 5-d input.
+Any other strides are copied to contiguous first (torch's output is contiguous then too).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+FIN_K = 64  # partials reduced per finalize step
+UPD_BLOCK = 1024  # channels per step of the running-statistics update
+
+
+@dataclass(frozen=True)
+class Geometry:
+    rows: bool
+    M: int
+    C: int
+    S: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    rows: bool
+    M: int
+    C: int
+    S: int
+    wide: bool  # offsets need int64
+    block_r: int
+    block_c: int
+    cblocks: int
+    tiles_per_chunk: int  # statistics / backward sums kernel
+    chunks: int
+    apply_tiles_per_chunk: int  # elementwise kernels
+    apply_chunks: int
+    warps: int
+    fin_k: int = FIN_K
+    upd_block: int = UPD_BLOCK
+
+
+def _channels_last(x: Tensor) -> bool:
+    if x.dim() == 4:
+        return x.is_contiguous(memory_format=torch.channels_last)
+    if x.dim() == 5:
+        return x.is_contiguous(memory_format=torch.channels_last_3d)
+    return False
+
+
+def geometry(x: Tensor) -> tuple[Tensor, Geometry]:
+    """``x`` (copied to contiguous if neither contiguous nor channels_last) and its geometry."""
+    N, C = x.shape[0], x.shape[1]
+    S = math.prod(x.shape[2:])
+    if S == 1 and (x.is_contiguous() or _channels_last(x)):
+        return x, Geometry(True, N, C, 1)
+    if x.is_contiguous():
+        return x, Geometry(False, N * S, C, S)
+    if _channels_last(x):
+        return x, Geometry(True, N * S, C, S)
+    x = x.contiguous()
+    return x, Geometry(S == 1, N * S, C, S)
+
+
+def to_layout(t: Tensor, like: Tensor) -> Tensor:
+    """``t`` with ``like``'s strides (copying if needed); checks the shape."""
+    if t.shape != like.shape:
+        raise ValueError(
+            f"expected a tensor of input's shape {tuple(like.shape)}, got {tuple(t.shape)}"
+        )
+    if t.device != like.device:
+        raise ValueError(f"expected a tensor on {like.device} like input, got {t.device}")
+    if t.stride() == like.stride():
+        return t
+    if like.is_contiguous():
+        return t.contiguous()
+    fmt = torch.channels_last if like.dim() == 4 else torch.channels_last_3d
+    return t.contiguous(memory_format=fmt)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 2  # the interpreter: a few CTAs, so that tests exercise the multi-CTA finalize
+
+
+def make_plan(geo: Geometry, x: Tensor) -> Plan:
+    """Tile sizes and grid: ~4 CTAs per SM for the reductions, ~8 for the elementwise pass."""
+    small = x.device.type != "cuda"  # interpreter: tiny tiles, many of them
+    if geo.rows:
+        block_c = min(_pow2(geo.C), 8 if small else (64 if geo.C <= 64 else 128))
+        block_r = max(1, (64 if small else 4096 * 4 // x.element_size()) // block_c)
+        block_r = min(block_r, _pow2(geo.M))
+    else:
+        block_c = 1
+        block_r = min(32 if small else 4096 * 4 // x.element_size(), _pow2(geo.M))
+    cblocks = math.ceil(geo.C / block_c)
+    tiles = math.ceil(geo.M / block_r)
+    sms = _sm_count(x.device)
+
+    def split(ctas_per_sm: int) -> tuple[int, int]:
+        if small:  # the interpreter: 2-3 chunks, so tests exercise the multi-CTA finalize
+            chunks = min(tiles, 3 if ctas_per_sm == 4 else 2)
+        else:
+            chunks = max(1, min(tiles, (ctas_per_sm * sms) // cblocks))
+        per = math.ceil(tiles / chunks)
+        return per, math.ceil(tiles / per)
+
+    per, chunks = split(4)
+    apply_per, apply_chunks = split(8)
+    wide = x.numel() >= 2**31 - 2**24
+    warps = 4 if small or block_r * block_c <= 2048 else 8
+    return Plan(geo.rows, geo.M, geo.C, geo.S, wide, block_r, block_c, cblocks, per, chunks,
+                apply_per, apply_chunks, warps)  # fmt: skip
