@@ -9,6 +9,7 @@ Any other strides are copied to contiguous first (torch's output is contiguous t
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -88,25 +89,30 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+@functools.lru_cache(maxsize=16)
 def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 2  # the interpreter: a few CTAs, so that tests exercise the multi-CTA finalize
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def make_plan(geo: Geometry, x: Tensor) -> Plan:
+    """Tile sizes and grid for ``x`` (cached per geometry, dtype and device)."""
+    return _make_plan(geo, x.device, x.element_size(), x.numel())
+
+
+@functools.lru_cache(maxsize=256)
+def _make_plan(geo: Geometry, device: torch.device, element_size: int, numel: int) -> Plan:
     """Tile sizes and grid: ~4 CTAs per SM for the reductions, ~8 for the elementwise pass."""
-    small = x.device.type != "cuda"  # interpreter: tiny tiles, many of them
+    small = device.type != "cuda"  # interpreter: tiny tiles, many of them
     if geo.rows:
         block_c = min(_pow2(geo.C), 8 if small else (64 if geo.C <= 64 else 128))
-        block_r = max(1, (64 if small else 4096 * 4 // x.element_size()) // block_c)
+        block_r = max(1, (64 if small else 4096 * 4 // element_size) // block_c)
         block_r = min(block_r, _pow2(geo.M))
     else:
         block_c = 1
-        block_r = min(32 if small else 4096 * 4 // x.element_size(), _pow2(geo.M))
+        block_r = min(32 if small else 4096 * 4 // element_size, _pow2(geo.M))
     cblocks = math.ceil(geo.C / block_c)
     tiles = math.ceil(geo.M / block_r)
-    sms = _sm_count(x.device)
+    sms = 0 if small else _sm_count(device)
 
     def split(ctas_per_sm: int) -> tuple[int, int]:
         if small:  # the interpreter: 2-3 chunks, so tests exercise the multi-CTA finalize
@@ -118,7 +124,7 @@ def make_plan(geo: Geometry, x: Tensor) -> Plan:
 
     per, chunks = split(4)
     apply_per, apply_chunks = split(8)
-    wide = x.numel() >= 2**31 - 2**24
+    wide = numel >= 2**31 - 2**24
     warps = 4 if small or block_r * block_c <= 2048 else 8
     return Plan(geo.rows, geo.M, geo.C, geo.S, wide, block_r, block_c, cblocks, per, chunks,
                 apply_per, apply_chunks, warps)  # fmt: skip

@@ -38,7 +38,7 @@ def _offsets(r, c, S, C, ROWS: tl.constexpr, WIDE: tl.constexpr):
 
 @triton.jit
 def _finite(v):
-    return (v == v) & (tl.abs(v) != float("inf"))
+    return (v - v) == 0  # inf - inf and NaN - NaN are NaN
 
 
 @triton.jit(do_not_specialize=["M"])
