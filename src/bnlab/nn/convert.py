@@ -27,29 +27,31 @@ import warnings
 
 from torch import nn
 
-from bnlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
-from bnlab.nn.classes import batchnorm_class
+from bnlab.nn.batchnorm import _BatchNorm
+from bnlab.nn.classes import batchnorm_class, batchnorm_dims
 from bnlab.nn.fused import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
 from bnlab.nn.sync import SyncBatchNorm
 
 __all__ = ["convert", "convert_sync_batchnorm", "revert", "revert_sync_batchnorm"]
 
-_TORCH_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_BNLAB_BN = (BatchNorm1d, BatchNorm2d, BatchNorm3d)
-_BNLAB_ACT = (BatchNormAct1d, BatchNormAct2d, BatchNormAct3d)
+_BNLAB_ACT = {1: BatchNormAct1d, 2: BatchNormAct2d, 3: BatchNormAct3d}
 _ORIGINAL = "_bnlab_original"  # a converted BN+act module's original instance (not a child)
 
 
-def _dims_index(module: nn.Module, classes: tuple[type, ...]) -> int:
-    """0, 1, 2 for the 1d/2d/3d class in ``classes`` that ``module`` is an instance of."""
-    return next(i for i, cls in enumerate(classes) if isinstance(module, cls))
+def _exactly(module: nn.Module | type, implementation: str) -> bool:
+    """Whether ``module`` is exactly BatchNorm1d/2d/3d of ``implementation`` (no subclass)."""
+    cls = module if isinstance(module, type) else type(module)
+    dims = batchnorm_dims(cls)
+    return dims is not None and cls is batchnorm_class(dims, implementation)
 
 
 def _is_bn_act(module: nn.Module) -> bool:
     """A subclass of torch's BatchNorm1d/2d/3d in timm's BN+act pattern (``act``, ``drop``)."""
+    dims = batchnorm_dims(module)
     return (
-        isinstance(module, _TORCH_BN)
-        and type(module) not in _TORCH_BN
+        dims is not None
+        and isinstance(module, batchnorm_class(dims, "torch"))
+        and not _exactly(module, "torch")
         and isinstance(getattr(module, "act", None), nn.Module)
         and isinstance(getattr(module, "drop", None), nn.Module)
     )
@@ -85,15 +87,15 @@ def _to_bnlab(module: nn.Module, nonfinite: str) -> nn.Module | None:
     if not isinstance(module, nn.modules.batchnorm._BatchNorm):
         return None
     kwargs = {**_factory(module), "bias": _has_bias(module), "nonfinite": nonfinite}
-    if type(module) in _TORCH_BN:
-        cls = _BNLAB_BN[_TORCH_BN.index(type(module))]
+    if _exactly(module, "torch"):
+        cls = batchnorm_class(batchnorm_dims(module), "bnlab")
         return _move_state(module, cls(*_hyper(module), **kwargs))
     if type(module) is nn.SyncBatchNorm:
         sync = SyncBatchNorm(*_hyper(module), module.process_group, **kwargs)
         sync._reverts_to = nn.SyncBatchNorm
         return _move_state(module, sync)
     if _is_bn_act(module):
-        cls = _BNLAB_ACT[_dims_index(module, _TORCH_BN)]
+        cls = _BNLAB_ACT[batchnorm_dims(module)]
         fused = cls(*_hyper(module), act=module.act, drop=module.drop, **kwargs)
         fused.__dict__[_ORIGINAL] = module
         return _move_state(module, fused)
@@ -139,16 +141,16 @@ def _torch_kwargs(module: nn.Module) -> dict:
 
 
 def _to_torch(module: nn.Module) -> nn.Module | None:
-    if type(module) in _BNLAB_BN:
-        cls = _TORCH_BN[_BNLAB_BN.index(type(module))]
+    if _exactly(module, "bnlab"):
+        cls = batchnorm_class(batchnorm_dims(module), "torch")
         return _move_state(module, cls(*_hyper(module), **_torch_kwargs(module)))
     if type(module) is SyncBatchNorm:
         cls = getattr(module, "_reverts_to", nn.SyncBatchNorm)
-        if cls in _BNLAB_BN:
-            cls = _TORCH_BN[_BNLAB_BN.index(cls)]
+        if _exactly(cls, "bnlab"):
+            cls = batchnorm_class(batchnorm_dims(cls), "torch")
         args = (*_hyper(module), module.process_group) if cls is nn.SyncBatchNorm else _hyper(module)  # fmt: skip
         return _move_state(module, cls(*args, **_torch_kwargs(module)))
-    if type(module) in _BNLAB_ACT and _ORIGINAL in module.__dict__:
+    if type(module) in _BNLAB_ACT.values() and _ORIGINAL in module.__dict__:
         original = module.__dict__[_ORIGINAL]
         original.act, original.drop = module.act, module.drop
         original.eps, original.momentum = module.eps, module.momentum
@@ -190,14 +192,11 @@ def _revert(module: nn.Module, name: str, left: list[str]) -> nn.Module:
 
 # Exactly these classes become SyncBatchNorm: a subclass with its own forward (Ghost BN, Batch
 # Renorm, BN+act, a user's) would lose its behaviour as a SyncBatchNorm, so it is left as it is.
-_SYNC_CONVERTIBLE = (*_TORCH_BN, *_BNLAB_BN)
-
-
 def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
     """Replace every BatchNorm1d/2d/3d (bnlab's or torch's) by bnlab's :class:`SyncBatchNorm`,
     keeping parameters, buffers and mode; :func:`revert_sync_batchnorm` restores the original
     classes. Subclasses with their own behaviour (Ghost BN, Batch Renorm, ...) are left."""
-    if type(module) in _SYNC_CONVERTIBLE:
+    if _exactly(module, "torch") or _exactly(module, "bnlab"):
         nonfinite = getattr(module, "nonfinite", "skip")
         sync = SyncBatchNorm(*_hyper(module), process_group, **_factory(module), bias=_has_bias(module), nonfinite=nonfinite)  # fmt: skip
         sync._reverts_to = type(module)
