@@ -150,9 +150,18 @@ def bench(
         help="Real models: stage width (64 = torchvision's; smaller for smoke tests).",
     ),
     threads: int = typer.Option(0, help="torch threads (0: torch's default)."),
+    device: str = typer.Option(
+        "cpu", help="cpu, or cuda: the Triton kernels' table (bench/cuda.py)."
+    ),
 ) -> None:
     """bnlab vs torch BatchNorm on CPU: BN layers (with the bandwidth floor) and real models."""
     import torch
+
+    if device == "cuda":
+        from bnlab.bench.cuda import run_cli
+
+        run_cli(out, repeats, compile, console.print)
+        return
 
     from bnlab.allocator import is_tuned
     from bnlab.bench.report import models_table, render
