@@ -6,9 +6,9 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run test lint clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 run: $(STAMP)
@@ -24,3 +24,9 @@ test: lint
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build src/*.egg-info
+
+# The suite on the oldest and the newest supported torch, each in its own .venv-compat-<torch>
+# (CUDA builds, ~5 GB each; not part of CI). COMPAT_TORCH="torch:torchvision ..." overrides.
+.PHONY: test-compat
+test-compat:
+	PYTHON=$(PYTHON) bash scripts/test_compat.sh

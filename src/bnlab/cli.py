@@ -308,6 +308,12 @@ def train_command(
     out: Path = typer.Option(
         Path("runs/train/loss.json"), help="Where rank 0 writes the loss curve."
     ),
+    backend: str = typer.Option(
+        "auto", help="auto, gloo (CPU tensors) or nccl (CUDA, one GPU per rank)."
+    ),
+    device: str = typer.Option(
+        "auto", help="auto (CUDA if there is a GPU per rank, else CPU), cpu or cuda."
+    ),
 ) -> None:
     """Train a lab MLP with BatchNorm, on one process or data-parallel over several."""
     import json
@@ -316,7 +322,7 @@ def train_command(
 
     from bnlab.lab.distributed import DistributedConfig, launch
 
-    config = DistributedConfig(data=data, global_batch=global_batch, steps=steps, lr=lr, seed=seed, dtype=dtype, out=str(out))  # fmt: skip
+    config = DistributedConfig(data=data, global_batch=global_batch, steps=steps, lr=lr, seed=seed, dtype=dtype, out=str(out), backend=backend, device=device)  # fmt: skip
     try:
         launch(config, nproc)
     except (ProcessRaisedException, ProcessExitedException) as error:

@@ -1,5 +1,6 @@
 """Data-parallel training of a lab model on ``torch.distributed``: DistributedDataParallel with
-SyncBatchNorm, gloo on CPU (nccl when every rank has a GPU).
+SyncBatchNorm; backend and device chosen together (gloo with CPU tensors, nccl with one GPU
+per rank).
 
 Every step draws one global batch from a seeded permutation, exactly as the single-process
 run does, and gives each rank an equal contiguous share; SyncBatchNorm normalizes over the
@@ -13,6 +14,11 @@ Launch with ``bnlab train --nproc N`` (processes on this machine) or with ``torc
     # several machines: the same command on each, with --nnodes, --node-rank and a
     # rendezvous endpoint: torchrun --nnodes 2 --node-rank 0 --rdzv-backend c10d \\
     #   --rdzv-endpoint HOST:29500 --nproc-per-node 8 -m bnlab.lab.distributed ...
+
+Backend and device (``--backend``, ``--device``; see :func:`choose_backend_and_device`): by
+default nccl on ``cuda:LOCAL_RANK`` when this machine has a GPU for every local rank, else gloo
+on the CPU; naming one picks the other; a contradiction (nccl with CPU tensors, gloo with CUDA
+tensors, more local ranks than GPUs) is refused before any process starts.
 
 Collectives time out after ``timeout`` seconds, so a rank that dies ends the others with
 an error instead of a hang; ``bnlab train`` then reports which rank failed and why.
@@ -48,23 +54,80 @@ class DistributedConfig:
     seed: int = 0
     dtype: str = "float32"
     timeout: float = 60.0
+    backend: str = "auto"  # auto, gloo or nccl
+    device: str = "auto"  # auto, cpu or cuda (cuda:LOCAL_RANK: one GPU per rank)
+    init_method: str | None = None  # rendezvous, e.g. file:///tmp/store (default env://)
     out: str | None = None  # rank 0 writes the loss curve here (JSON)
     fail_rank: int = -1  # for tests: this rank raises at fail_step
     fail_step: int = -1
 
 
-def train_steps(config: DistributedConfig, rank: int = 0, world: int = 1) -> list[float]:
-    """Train; returns the global mean loss of every step (the same on every rank)."""
+BACKENDS = ("auto", "gloo", "nccl")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def choose_backend_and_device(
+    backend: str = "auto",
+    device: str = "auto",
+    *,
+    local_rank: int = 0,
+    local_world: int = 1,
+    cuda_devices: int = 0,
+) -> tuple[str, torch.device]:
+    """The process-group backend and this rank's device, chosen together.
+
+    gloo reduces CPU tensors, nccl CUDA tensors with one GPU per rank (``cuda:LOCAL_RANK``).
+    ``auto`` device: CUDA when there is a GPU for each of the ``local_world`` ranks on this
+    machine, else the CPU; ``auto`` backend: the one for the device (a named backend implies
+    its device). ``cuda_devices`` is how many GPUs this process sees (0 without CUDA), passed
+    in so that the choice is a pure function. Raises ``ValueError`` on a contradiction.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
+    if device not in DEVICES:
+        raise ValueError(f"device: expected one of {', '.join(DEVICES)}, got {device!r}")
+    if not 0 <= local_rank < local_world:
+        raise ValueError(f"local_rank: expected 0 <= local_rank < local_world = {local_world}, got {local_rank}")  # fmt: skip
+    if device == "auto":
+        implied = {"nccl": "cuda", "gloo": "cpu"}.get(backend)
+        device = implied or ("cuda" if cuda_devices >= local_world else "cpu")
+    if backend == "auto":
+        backend = "nccl" if device == "cuda" else "gloo"
+    if backend == "nccl" and device != "cuda":
+        raise ValueError("backend: nccl reduces CUDA tensors, got device 'cpu' (use gloo for CPU tensors)")  # fmt: skip
+    if backend == "gloo" and device != "cpu":
+        raise ValueError("backend: gloo is used here for CPU tensors, got device 'cuda' (use nccl: one GPU per rank)")  # fmt: skip
+    if device == "cpu":
+        return backend, torch.device("cpu")
+    if cuda_devices == 0:
+        raise ValueError(f"device: expected CUDA for backend {backend!r}, but CUDA is not available (use --device cpu)")  # fmt: skip
+    if local_rank >= cuda_devices:
+        raise ValueError(f"device: one GPU per rank needs {local_world} GPUs on this machine, found {cuda_devices} (use fewer processes or --device cpu)")  # fmt: skip
+    return backend, torch.device("cuda", local_rank)
+
+
+def cuda_devices() -> int:
+    """How many CUDA devices this process sees (0 without CUDA)."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def train_steps(
+    config: DistributedConfig, rank: int = 0, world: int = 1, device: torch.device | None = None
+) -> list[float]:
+    """Train on ``device`` (default CPU); returns the global mean loss of every step (the same
+    on every rank)."""
     if config.global_batch % world:
         raise ValueError(f"global_batch: expected a multiple of the {world} ranks, got {config.global_batch}")  # fmt: skip
     dtype = getattr(torch, config.dtype)
     data = load_dataset(config.data)
-    x_all = torch.from_numpy(data.x_train).to(dtype)
-    y_all = torch.from_numpy(data.y_train)
+    device = torch.device("cpu") if device is None else device
+    x_all = torch.from_numpy(data.x_train).to(device, dtype)
+    y_all = torch.from_numpy(data.y_train).to(device)
     torch.manual_seed(config.seed)
-    model = mlp(int(np.prod(data.input_shape)), config.hidden, data.num_classes, norm="bn").to(dtype)  # fmt: skip
+    model = mlp(int(np.prod(data.input_shape)), config.hidden, data.num_classes, norm="bn").to(device, dtype)  # fmt: skip
     if world > 1:
-        model = nn.parallel.DistributedDataParallel(convert_sync_batchnorm(model))
+        ids = [device.index] if device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(convert_sync_batchnorm(model), device_ids=ids)  # fmt: skip
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9)
     generator = torch.Generator().manual_seed(config.seed)
     per_epoch = len(y_all) // config.global_batch
@@ -74,7 +137,7 @@ def train_steps(config: DistributedConfig, rank: int = 0, world: int = 1) -> lis
         if step and step % per_epoch == 0:
             order = torch.randperm(len(y_all), generator=generator)
         start = (step % per_epoch) * config.global_batch + rank * share
-        index = order[start : start + share]
+        index = order[start : start + share].to(device)
         if rank == config.fail_rank and step == config.fail_step:
             raise RuntimeError(f"rank {rank} failed on purpose at step {step}")
         loss = nn.functional.cross_entropy(model(x_all[index]), y_all[index])
@@ -90,16 +153,25 @@ def train_steps(config: DistributedConfig, rank: int = 0, world: int = 1) -> lis
 
 
 def run_rank(config: DistributedConfig) -> list[float]:
-    """One rank under torchrun-style environment variables (RANK, WORLD_SIZE, MASTER_*)."""
+    """One rank under torchrun-style environment variables (RANK, WORLD_SIZE, LOCAL_RANK,
+    LOCAL_WORLD_SIZE, MASTER_*)."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    backend, device = choose_backend_and_device(
+        config.backend, config.device, local_rank=local_rank, local_world=local_world,
+        cuda_devices=cuda_devices(),
+    )  # fmt: skip
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if world == 1:
-        losses = train_steps(config)
+        losses = train_steps(config, device=device)
     else:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
         timeout = datetime.timedelta(seconds=config.timeout)
-        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout)
+        init = {"init_method": config.init_method} if config.init_method else {}
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout, **init)
         try:
-            losses = train_steps(config, rank, world)
+            losses = train_steps(config, rank, world, device)
         finally:
             dist.destroy_process_group()
     if rank == 0 and config.out:
@@ -109,6 +181,7 @@ def run_rank(config: DistributedConfig) -> list[float]:
 
 def _spawned(rank: int, world: int, port: int, config: DistributedConfig) -> None:
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+                       "LOCAL_WORLD_SIZE": str(world),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})  # fmt: skip
     torch.set_num_threads(1)
     run_rank(config)
@@ -124,6 +197,8 @@ def launch(config: DistributedConfig, nproc: int) -> None:
     """Run ``nproc`` ranks on this machine; a failing rank ends them all with its error."""
     if nproc < 1:
         raise ValueError(f"nproc: expected a positive integer, got {nproc}")
+    # refuse a contradiction here, with its message, rather than in every rank
+    choose_backend_and_device(config.backend, config.device, local_rank=nproc - 1, local_world=nproc, cuda_devices=cuda_devices())  # fmt: skip
     if nproc == 1:
         run_rank(config)
         return
@@ -136,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point for ``torchrun -m bnlab.lab.distributed``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     defaults = DistributedConfig()
-    for name in ("data", "global_batch", "steps", "lr", "seed", "dtype", "timeout", "out"):
+    for name in ("data", "global_batch", "steps", "lr", "seed", "dtype", "timeout", "out", "backend", "device", "init_method"):  # fmt: skip
         value = getattr(defaults, name)
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value) if value is not None else str, default=value)  # fmt: skip
     args = parser.parse_args(argv)
