@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from bnlab import nn as bnn
+from bnlab.compat import TORCH_BN_HAS_BIAS
 from helpers import scaled_error, use_path
 
 PAIRS = {
@@ -100,7 +101,8 @@ def test_eval_uses_running_stats_unless_untracked():
 
 def test_parameters_buffers_and_state_dict_keys_match_torch():
     for dim, (ours_cls, torch_cls) in PAIRS.items():
-        for kwargs in ({}, {"affine": False}, {"track_running_stats": False}, {"bias": False}):
+        bias_off = ({"bias": False},) if TORCH_BN_HAS_BIAS else ()  # older torch: no option
+        for kwargs in ({}, {"affine": False}, {"track_running_stats": False}, *bias_off):
             ours, theirs = ours_cls(4, **kwargs), torch_cls(4, **kwargs)
             assert list(ours.state_dict()) == list(theirs.state_dict()), (dim, kwargs)
             assert [n for n, _ in ours.named_parameters()] == [

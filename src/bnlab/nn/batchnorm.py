@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from bnlab import functional as F
+from bnlab.compat import TORCH_BN_HAS_BIAS
 
 
 class _NormBase(nn.Module):
@@ -91,10 +92,14 @@ class _NormBase(nn.Module):
                 nn.init.zeros_(self.bias)
 
     def extra_repr(self) -> str:
+        # as the installed torch prints it: ``bias=`` only where torch's BN has the option
+        # (bnlab's bias=False is shown either way)
+        shown = TORCH_BN_HAS_BIAS or (self.affine and self.bias is None)
         return (
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-            f"affine={self.affine}, bias={self.bias is not None}, "
-            f"track_running_stats={self.track_running_stats}"
+            f"affine={self.affine}, "
+            + (f"bias={self.bias is not None}, " if shown else "")
+            + f"track_running_stats={self.track_running_stats}"
             + ("" if self.nonfinite == "skip" else f", nonfinite={self.nonfinite!r}")
         )
 
