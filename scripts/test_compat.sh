@@ -26,8 +26,7 @@ install() {  # install VENV TORCH TORCHVISION: (re)build the venv when its input
     test -x "$venv/bin/python" || "$PYTHON" -m venv "$venv" || return 1
     # torch pins its own triton and sympy: leave those (and torch, torchvision) to it
     grep -v -E '^(torch|torchvision|triton|sympy)==' constraints.txt >"$venv/constraints.txt"
-    # the dev tools, but the Triton that this torch ships (bnlab's CUDA kernels need 3.6+ and
-    # step aside for torch's kernel with an older one)
+    # the dev tools, with the Triton that this torch build ships rather than the dev pin
     local dev
     dev=$("$venv/bin/python" -c 'import tomllib; print(*[r for r in tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["dev"] if not r.startswith("triton")])') || return 1
     # shellcheck disable=SC2086  # $dev: one requirement per word
