@@ -18,11 +18,11 @@ note() { echo "$*" | tee -a "$OUT/summary.txt"; }
 } > "$OUT/env.txt" 2>&1
 note "env: $(tail -1 "$OUT/env.txt")"
 
-BNLAB_TRITON_DEVICE=cuda timeout "${PARITY_S:-150}" $PY -m pytest -q -p no:cacheprovider \
+BNLAB_TRITON_DEVICE=cuda timeout "${PARITY_S:-120}" $PY -m pytest -q -p no:cacheprovider \
     tests/kernels/cuda -rfE --durations=5 > "$OUT/parity.txt" 2>&1
 note "parity: rc=$? $(tail -1 "$OUT/parity.txt") ($(( $(date +%s) - START )) s)"
 
-timeout 60 $PY - > "$OUT/precision.txt" 2>&1 <<'PY'
+timeout 45 $PY - > "$OUT/precision.txt" 2>&1 <<'PY'
 import torch
 import torch.nn.functional as F
 from bnlab.kernels.cuda.autograd import batch_norm
@@ -44,13 +44,13 @@ PY
 note "precision: rc=$? ($(( $(date +%s) - START )) s)"
 cat "$OUT/precision.txt" >> "$OUT/summary.txt"
 
-timeout "${BENCH_S:-200}" $PY -m bnlab.bench.cuda --compile --out "$OUT/bench.json" \
+timeout "${BENCH_S:-170}" $PY -m bnlab.bench.cuda --compile --out "$OUT/bench.json" \
     > "$OUT/bench.md" 2> "$OUT/bench.log"
 note "bench: rc=$? ($(( $(date +%s) - START )) s)"
 cat "$OUT/bench.md" >> "$OUT/summary.txt"
 
 if [ -d tests/models ]; then
-    timeout "${MODELS_S:-90}" $PY -m pytest tests/models -q -p no:cacheprovider -rfE \
+    timeout "${MODELS_S:-60}" $PY -m pytest tests/models -q -p no:cacheprovider -rfE \
         > "$OUT/models.txt" 2>&1
     note "models: rc=$? $(tail -1 "$OUT/models.txt") ($(( $(date +%s) - START )) s)"
 else

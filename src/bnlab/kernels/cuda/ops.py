@@ -8,6 +8,9 @@ running-statistics update), eval forward = 1, backward = 2 (1 in eval). No host 
 
 from __future__ import annotations
 
+import functools
+
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -33,10 +36,11 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+@functools.lru_cache(maxsize=64)
 def _split(value: float) -> tuple[float, float]:
     """value as hi + lo float32s (Triton passes float scalars as float32): ~48 exact bits."""
-    hi = float(torch.tensor(value, dtype=torch.float32))
-    return hi, float(torch.tensor(value - hi, dtype=torch.float32))
+    hi = float(np.float32(value))
+    return hi, float(np.float32(value - hi))
 
 
 def _counter(device: torch.device, size: int) -> Tensor:
@@ -58,9 +62,9 @@ def _sums(plan: Plan, x, g, y, shift, mean_d, invstd, out1, out2, eps, backward,
     sums_kernel[(plan.chunks, plan.cblocks)](
         x, g if g is not None else x, y if y is not None else x,
         shift, mean_d, invstd, out1, out2, part, _counter(x.device, plan.cblocks),
-        plan.M, plan.C, plan.S, plan.tiles_per_chunk, plan.chunks, eps_hi, eps_lo,
+        plan.M, plan.C, plan.S, plan.sblocks, plan.tiles_per_chunk, plan.chunks, eps_hi, eps_lo,
         BACKWARD=backward, RELU=relu, ROWS=plan.rows, WIDE=plan.wide, ACC=_acc(x.dtype),
-        BLOCK_R=plan.block_r, BLOCK_C=plan.block_c, FIN_K=plan.fin_k, num_warps=plan.warps,
+        BLOCK_R=plan.block_r, BLOCK_W=plan.block_w, BLOCK_C=plan.block_c, FIN_K=plan.fin_k, num_warps=plan.warps,
     )  # fmt: skip
 
 
@@ -99,11 +103,12 @@ def forward(
         weight if weight is not None else dummy, bias if bias is not None else dummy,
         running_mean if running_mean is not None else dummy,
         running_var if running_var is not None else dummy, var, bad,
-        plan.M, plan.C, plan.S, plan.apply_tiles_per_chunk, mom_hi, mom_lo, eps_hi, eps_lo,
+        plan.M, plan.C, plan.S, plan.sblocks, plan.apply_tiles_per_chunk, mom_hi, mom_lo, eps_hi, eps_lo,
         TRAINING=training, HAS_W=weight is not None, HAS_B=bias is not None,
         HAS_RES=res is not None, RELU=activation == 1, POLICY=int(nonfinite),
-        HAS_RM=running_mean is not None, HAS_RV=running_var is not None, ROWS=plan.rows,
-        WIDE=plan.wide, ACC=_acc(x.dtype), BLOCK_R=plan.block_r, BLOCK_C=plan.block_c,
+        HAS_RM=running_mean is not None, HAS_RV=running_var is not None,
+        UPDATE=training and (running_mean is not None or running_var is not None), ROWS=plan.rows,
+        WIDE=plan.wide, ACC=_acc(x.dtype), BLOCK_R=plan.block_r, BLOCK_W=plan.block_w, BLOCK_C=plan.block_c,
         UPD_BLOCK=plan.upd_block, num_warps=plan.warps,
     )  # fmt: skip
     if report_ and training and nonfinite in (1, 2):
@@ -144,10 +149,10 @@ def backward(
                 g, x, y if y is not None else x, dx if want_dx else x, dres if want_dres else x,
                 shift, mean_d, invstd, weight if weight is not None else invstd,
                 sum_g if need_sums else invstd, sum_gx if need_sums else invstd,
-                plan.M, plan.C, plan.S, plan.apply_tiles_per_chunk,
+                plan.M, plan.C, plan.S, plan.sblocks, plan.apply_tiles_per_chunk,
                 TRAINING=training, HAS_W=weight is not None, RELU=relu, WANT_DX=want_dx,
                 WANT_DRES=want_dres, ROWS=plan.rows, WIDE=plan.wide, ACC=_acc(x.dtype),
-                BLOCK_R=plan.block_r, BLOCK_C=plan.block_c, num_warps=plan.warps,
+                BLOCK_R=plan.block_r, BLOCK_W=plan.block_w, BLOCK_C=plan.block_c, num_warps=plan.warps,
             )  # fmt: skip
     return (
         dx,

@@ -35,8 +35,10 @@ class Plan:
     C: int
     S: int
     wide: bool  # offsets need int64
-    block_r: int
+    block_r: int  # rows (ROWS) or planes per tile
+    block_w: int  # channels (ROWS, = block_c) or plane positions per tile
     block_c: int
+    sblocks: int  # tiles across one plane (planes layout; 1 for rows)
     cblocks: int
     tiles_per_chunk: int  # statistics / backward sums kernel
     chunks: int
@@ -107,11 +109,15 @@ def _make_plan(geo: Geometry, device: torch.device, element_size: int, numel: in
         block_c = min(_pow2(geo.C), 8 if small else (64 if geo.C <= 64 else 128))
         block_r = max(1, (64 if small else 4096 * 4 // element_size) // block_c)
         block_r = min(block_r, _pow2(geo.M))
+        block_w, sblocks = block_c, 1
+        tiles = math.ceil(geo.M / block_r)
     else:
         block_c = 1
-        block_r = min(32 if small else 4096 * 4 // element_size, _pow2(geo.M))
+        block_w = 8 if small else _plane_block(geo.S)
+        block_r = min(max(1, (32 if small else 4096 * 4 // element_size) // block_w), _pow2(geo.M // geo.S))  # fmt: skip
+        sblocks = math.ceil(geo.S / block_w)
+        tiles = math.ceil(geo.M // geo.S / block_r) * sblocks
     cblocks = math.ceil(geo.C / block_c)
-    tiles = math.ceil(geo.M / block_r)
     sms = 0 if small else _sm_count(device)
 
     def split(ctas_per_sm: int) -> tuple[int, int]:
@@ -125,6 +131,15 @@ def _make_plan(geo: Geometry, device: torch.device, element_size: int, numel: in
     per, chunks = split(4)
     apply_per, apply_chunks = split(8)
     wide = numel >= 2**31 - 2**24
-    warps = 4 if small or block_r * block_c <= 2048 else 8
-    return Plan(geo.rows, geo.M, geo.C, geo.S, wide, block_r, block_c, cblocks, per, chunks,
-                apply_per, apply_chunks, warps)  # fmt: skip
+    warps = 4 if small or block_r * block_w <= 2048 else 8
+    return Plan(geo.rows, geo.M, geo.C, geo.S, wide, block_r, block_w, block_c, sblocks, cblocks,
+                per, chunks, apply_per, apply_chunks, warps)  # fmt: skip
+
+
+def _plane_block(S: int) -> int:
+    """Positions per tile along a plane: the largest of 256..32 wasting < 4% of a row of tiles
+    (56x56 = 3136: 64 exact; 28x28: 32 (2%)), else the power of two covering S (7x7: 64)."""
+    for block in (256, 128, 64, 32):
+        if math.ceil(S / block) * block <= 1.04 * S:
+            return block
+    return min(_pow2(S), 256)

@@ -1,8 +1,10 @@
 """The Triton kernels: two per direction, each a streaming pass over the tensor.
 
-The tensor is seen as M = N*S "rows" of C channels, element (r, c) at
-``r*C + c`` (ROWS: channels_last and (N, C) input) or ``(r//S)*C*S + c*S + r%S`` (NCHW
-planes). A CTA owns a block of channels and a chunk of consecutive tiles of rows.
+The tensor is seen as M = N*S "rows" of C channels. ROWS layout (channels_last, (N, C)
+input): element (r, c) at ``r*C + c``, tiles of [BLOCK_R rows, BLOCK_C channels]. Planes
+(NCHW): element (n, c, s) at ``(n*C + c)*S + s``, tiles of [BLOCK_R planes, BLOCK_W
+positions] of one channel (``sblocks`` tiles per plane row). A CTA owns a block of channels
+and a chunk of consecutive tiles.
 
 * ``sums_kernel``: per-chunk partial sums, written to a workspace; the last CTA of each
   channel block (an atomic ticket) reduces the partials in float64 and finalizes, so the
@@ -24,16 +26,34 @@ import triton.language as tl
 
 
 @triton.jit
-def _offsets(r, c, S, C, ROWS: tl.constexpr, WIDE: tl.constexpr):
-    """Element offsets of the (rows r) x (channels c) tile."""
-    if WIDE:
-        r = r.to(tl.int64)
-        c = c.to(tl.int64)
+def _tile(t, c, M, C, S, sblocks, ROWS: tl.constexpr, WIDE: tl.constexpr,
+          BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):  # fmt: skip
+    """Offsets and mask of tile ``t``: rows [BLOCK_R rows, BLOCK_W = BLOCK_C channels] or
+    planes [BLOCK_R planes n, BLOCK_W positions s] of the single channel c (shape [1])."""
     if ROWS:
+        r = t * BLOCK_R + tl.arange(0, BLOCK_R)
+        m = (r < M)[:, None] & (c < C)[None, :]
+        if WIDE:
+            r = r.to(tl.int64)
         off = r[:, None] * C + c[None, :]
     else:
-        off = (r // S * (C * S) + r % S)[:, None] + (c * S)[None, :]
-    return off
+        n = (t // sblocks) * BLOCK_R + tl.arange(0, BLOCK_R)
+        s = (t % sblocks) * BLOCK_W + tl.arange(0, BLOCK_W)
+        m = (n < M // S)[:, None] & (s < S)[None, :]
+        if WIDE:
+            n = n.to(tl.int64)
+        off = (n[:, None] * C + c[None, :]) * S + s[None, :]
+    return off, m
+
+
+@triton.jit
+def _reduce(acc, ROWS: tl.constexpr):
+    """Per-channel sums of a tile accumulator: [BLOCK_C] (rows) or [1] (planes)."""
+    if ROWS:
+        out = tl.sum(acc, axis=0)
+    else:
+        out = tl.sum(tl.sum(acc, axis=1)[:, None], axis=0)
+    return out
 
 
 @triton.jit
@@ -47,9 +67,10 @@ def sums_kernel(
     shift_ptr, mean_d_ptr, invstd_ptr,
     out1_ptr, out2_ptr,
     part_ptr, counter_ptr,
-    M, C, S, tiles_per_chunk, num_chunks, eps_hi, eps_lo,
+    M, C, S, sblocks, tiles_per_chunk, num_chunks, eps_hi, eps_lo,
     BACKWARD: tl.constexpr, RELU: tl.constexpr, ROWS: tl.constexpr, WIDE: tl.constexpr,
-    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, FIN_K: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+    FIN_K: tl.constexpr,
 ):  # fmt: skip
     """Forward: writes shift, mean_d, invstd, out1 = unbiased var, out2 = bad.
     Backward: reads shift, mean_d, invstd; writes out1 = Σg (grad_bias), out2 = Σg·x̂."""
@@ -66,12 +87,10 @@ def sums_kernel(
         else:
             first = c * S
         shift = tl.load(x_ptr + first, mask=cmask, other=0).to(ACC)
-    acc1 = tl.zeros([BLOCK_R, BLOCK_C], dtype=ACC)
-    acc2 = tl.zeros([BLOCK_R, BLOCK_C], dtype=ACC)
+    acc1 = tl.zeros([BLOCK_R, BLOCK_W], dtype=ACC)
+    acc2 = tl.zeros([BLOCK_R, BLOCK_W], dtype=ACC)
     for i in range(0, tiles_per_chunk):
-        r = (pid_k * tiles_per_chunk + i) * BLOCK_R + tl.arange(0, BLOCK_R)
-        m = (r < M)[:, None] & cmask[None, :]
-        off = _offsets(r, c, S, C, ROWS, WIDE)
+        off, m = _tile(pid_k * tiles_per_chunk + i, c, M, C, S, sblocks, ROWS, WIDE, BLOCK_R, BLOCK_W)  # fmt: skip
         d = tl.load(x_ptr + off, mask=m, other=0).to(ACC) - shift[None, :]
         d = tl.where(m, d, 0)
         if BACKWARD:
@@ -85,8 +104,8 @@ def sums_kernel(
         else:
             acc1 += d
             acc2 += d * d
-    tl.store(part_ptr + pid_k * C + c, tl.sum(acc1, axis=0), mask=cmask)
-    tl.store(part_ptr + (num_chunks + pid_k) * C + c, tl.sum(acc2, axis=0), mask=cmask)
+    tl.store(part_ptr + pid_k * C + c, _reduce(acc1, ROWS), mask=cmask)
+    tl.store(part_ptr + (num_chunks + pid_k) * C + c, _reduce(acc2, ROWS), mask=cmask)
     tl.debug_barrier()  # every thread's partials are written before the ticket is taken
     ticket = tl.atomic_add(counter_ptr + pid_c, 1, sem="acq_rel")
     if ticket == num_chunks - 1:  # the last CTA of this channel block finalizes
@@ -161,11 +180,11 @@ def forward_apply_kernel(
     x_ptr, res_ptr, out_ptr,
     shift_ptr, mean_d_ptr, invstd_ptr, w_ptr, b_ptr,
     rm_ptr, rv_ptr, var_ptr, bad_ptr,
-    M, C, S, tiles_per_chunk, mom_hi, mom_lo, eps_hi, eps_lo,
+    M, C, S, sblocks, tiles_per_chunk, mom_hi, mom_lo, eps_hi, eps_lo,
     TRAINING: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr,
     RELU: tl.constexpr, POLICY: tl.constexpr, HAS_RM: tl.constexpr, HAS_RV: tl.constexpr,
-    ROWS: tl.constexpr, WIDE: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, UPD_BLOCK: tl.constexpr,
+    UPDATE: tl.constexpr, ROWS: tl.constexpr, WIDE: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, UPD_BLOCK: tl.constexpr,
 ):  # fmt: skip
     """out = act((x - shift)·scale + K [+ residual]); eval also writes shift/mean_d/invstd/bad;
     training (program (0, 0)) updates the running statistics."""
@@ -195,9 +214,7 @@ def forward_apply_kernel(
     if HAS_B:
         K += tl.load(b_ptr + c, mask=cmask, other=0).to(ACC)
     for i in range(0, tiles_per_chunk):
-        r = (pid_k * tiles_per_chunk + i) * BLOCK_R + tl.arange(0, BLOCK_R)
-        m = (r < M)[:, None] & cmask[None, :]
-        off = _offsets(r, c, S, C, ROWS, WIDE)
+        off, m = _tile(pid_k * tiles_per_chunk + i, c, M, C, S, sblocks, ROWS, WIDE, BLOCK_R, BLOCK_W)  # fmt: skip
         x = tl.load(x_ptr + off, mask=m, other=0).to(ACC)
         y = (x - shift[None, :]) * scale[None, :] + K[None, :]
         if HAS_RES:
@@ -205,7 +222,7 @@ def forward_apply_kernel(
         if RELU:
             y = tl.where(y < 0, 0.0, y)  # NaN propagates, as in torch.relu
         tl.store(out_ptr + off, y.to(out_ptr.dtype.element_ty), mask=m)
-    if TRAINING and (HAS_RM or HAS_RV):
+    if UPDATE:  # training with running statistics
         if (pid_k == 0) & (pid_c == 0):
             _update_running(rm_ptr, rv_ptr, shift_ptr, mean_d_ptr, var_ptr, bad_ptr, C, mom_hi, mom_lo,
                             POLICY, HAS_RM, HAS_RV, UPD_BLOCK)  # fmt: skip
@@ -215,10 +232,10 @@ def forward_apply_kernel(
 def backward_apply_kernel(
     g_ptr, x_ptr, y_ptr, dx_ptr, dres_ptr,
     shift_ptr, mean_d_ptr, invstd_ptr, w_ptr, sum_g_ptr, sum_gx_ptr,
-    M, C, S, tiles_per_chunk,
+    M, C, S, sblocks, tiles_per_chunk,
     TRAINING: tl.constexpr, HAS_W: tl.constexpr, RELU: tl.constexpr, WANT_DX: tl.constexpr,
     WANT_DRES: tl.constexpr, ROWS: tl.constexpr, WIDE: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """grad_residual = g; dx = w·invstd·(g - Σg/M - x̂·Σg·x̂/M) (training) or w·invstd·g."""
     pid_k = tl.program_id(0)
@@ -236,9 +253,7 @@ def backward_apply_kernel(
         # x̂·mean(g·x̂) = ((x - shift) - mean_d)·invstd·mean(g·x̂), x - shift exact
         slope = tl.load(sum_gx_ptr + c, mask=cmask, other=0).to(ACC) / M * invstd
     for i in range(0, tiles_per_chunk):
-        r = (pid_k * tiles_per_chunk + i) * BLOCK_R + tl.arange(0, BLOCK_R)
-        m = (r < M)[:, None] & cmask[None, :]
-        off = _offsets(r, c, S, C, ROWS, WIDE)
+        off, m = _tile(pid_k * tiles_per_chunk + i, c, M, C, S, sblocks, ROWS, WIDE, BLOCK_R, BLOCK_W)  # fmt: skip
         g = tl.load(g_ptr + off, mask=m, other=0).to(ACC)
         if RELU:
             y = tl.load(y_ptr + off, mask=m, other=0).to(ACC)
