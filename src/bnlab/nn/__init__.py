@@ -11,6 +11,7 @@ from bnlab.nn.classes import (
 )
 from bnlab.nn.convert import convert, convert_sync_batchnorm, revert, revert_sync_batchnorm
 from bnlab.nn.fused import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
+from bnlab.nn.fusion import fuse_activations
 from bnlab.nn.sync import SyncBatchNorm
 from bnlab.nn.variants import BatchRenorm1d, BatchRenorm2d, GhostBatchNorm1d, GhostBatchNorm2d
 
@@ -31,6 +32,7 @@ __all__ = [
     "convert",
     "convert_sync_batchnorm",
     "dims_for_rank",
+    "fuse_activations",
     "input_ranks",
     "is_batchnorm",
     "is_plain_batchnorm",

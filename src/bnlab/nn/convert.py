@@ -102,11 +102,14 @@ def _to_bnlab(module: nn.Module, nonfinite: str) -> nn.Module | None:
     return None
 
 
-def convert(model: nn.Module, *, nonfinite: str = "skip") -> nn.Module:
+def convert(model: nn.Module, *, nonfinite: str = "skip", example=None) -> nn.Module:
     """Replace torch's BN layers in ``model`` by bnlab's (in place); return the model.
 
     ``nonfinite`` is the policy of the new modules (see :func:`bnlab.functional.batch_norm`).
-    The root itself is replaced too, so use the returned module.
+    The root itself is replaced too, so use the returned module. With ``example`` (an input
+    tensor or a tuple of inputs), BN → ReLU and BN → add → ReLU are then fused into
+    BatchNormAct modules by :func:`bnlab.nn.fusion.fuse_activations` (``torch.fx``), and the
+    result is a ``GraphModule`` with the same ``state_dict`` keys.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -119,7 +122,11 @@ def convert(model: nn.Module, *, nonfinite: str = "skip") -> nn.Module:
             UserWarning,
             stacklevel=2,
         )
-    return converted
+    if example is None:
+        return converted
+    from bnlab.nn.fusion import fuse_activations
+
+    return fuse_activations(converted, *(example if isinstance(example, (tuple, list)) else (example,)))  # fmt: skip
 
 
 def _convert(module: nn.Module, nonfinite: str, name: str, left: list[str]) -> nn.Module:
