@@ -241,3 +241,22 @@ def test_to_torch_batchnorm_keeps_the_dims():
     assert type(torched[1]) is nn.BatchNorm1d and type(torched[2]) is nn.BatchNorm1d
     with torch.no_grad():
         assert _relative(torched(x), model(x)) < 1e-6
+
+
+def test_a_bug_in_pair_discovery_is_not_hidden_by_the_sequential_fallback(monkeypatch):
+    import bnlab.inference.pairs as pairs
+
+    def broken(*_args):
+        raise RuntimeError("a bug in the analysis of the traced graph")
+
+    monkeypatch.setattr(pairs, "pairs_from_graph", broken)
+    with pytest.raises(RuntimeError, match="a bug in the analysis"):
+        fold_batchnorm(trained(mlp(), torch.randn(6, 10)))
+
+
+def test_the_report_says_why_fx_was_not_used():
+    folded = fold_batchnorm(trained(Untraceable(), torch.randn(4, 2, 7)))
+    report = folded.fold_report
+    assert report.fx_error.startswith("TraceError: symbolically traced variables cannot be used as inputs to control flow")  # fmt: skip
+    assert "torch.fx could not trace the model (TraceError" in str(report)
+    assert fold_batchnorm(trained(mlp(), torch.randn(6, 10))).fold_report.fx_error == ""

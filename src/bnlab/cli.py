@@ -281,7 +281,7 @@ def fold(
     input_shape: str = typer.Option(None, help="Input shape for timing, e.g. 1,3,224,224."),
 ) -> None:
     """Fold BatchNorm into the preceding conv/linear layers of a saved model."""
-    from bnlab.foldfile import fold_file
+    from bnlab.inference.foldfile import fold_file
 
     try:
         shape = tuple(int(s) for s in input_shape.split(",")) if input_shape else None

@@ -16,7 +16,9 @@ import torch
 from torch import nn
 
 from bnlab.files import atomic_write_bytes
-from bnlab.inference import fold_batchnorm, is_batchnorm, time_inference
+from bnlab.inference.fold import fold_batchnorm
+from bnlab.inference.timing import time_inference
+from bnlab.nn.classes import is_batchnorm
 
 
 def load_model(path: Path) -> nn.Module | torch.jit.ScriptModule:
