@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from bnlab.inference import is_batchnorm
+from bnlab.nn.classes import is_batchnorm
 
 PERCENTILES = (1, 15, 50, 85, 99)
 
