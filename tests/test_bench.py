@@ -88,9 +88,10 @@ def test_resnets_have_torchvisions_layout(name):
 
 
 def test_arms_share_weights_and_differ_only_in_bn():
-    models = arms("resnet18", width=4)
+    models = arms("resnet18", torch.randn(2, 3, 32, 32), width=4)
     kinds = {name: {type(m) for m in model.modules()} for name, model in models.items()}
     assert torch.nn.BatchNorm2d in kinds["torch"] and bnn.BatchNorm2d in kinds["bnlab"]
+    assert bnn.BatchNormAct2d in kinds["bnlab-fused"] and bnn.BatchNormAct2d not in kinds["bnlab"]
     assert not any(issubclass(k, (torch.nn.BatchNorm2d, bnn.BatchNorm2d)) for k in kinds["identity"])  # fmt: skip
-    for name in ("bnlab", "identity"):
+    for name in ("bnlab", "bnlab-fused", "identity"):
         torch.testing.assert_close(models[name].conv1.weight, models["torch"].conv1.weight)

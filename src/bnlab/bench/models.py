@@ -1,10 +1,11 @@
 """Real-model benchmark: a training step and an eval forward of ResNet-shaped networks with
-torch's BN, with bnlab's (the same model through :func:`bnlab.nn.convert`), and with BN
-replaced by identity (the ceiling: no normalization at all).
+torch's BN, with bnlab's (the same model through :func:`bnlab.nn.convert`), with bnlab's and
+BN → (add →) ReLU fused (``convert(model, example=x)``), and with BN replaced by identity
+(the ceiling: no normalization at all).
 
 All arms of a case are built from identical weights and timed in one process, alternating
 round by round (:func:`bnlab.bench.timing.alternate`). Reported per case: medians, the
-speed-up ``torch / bnlab`` with a paired bootstrap interval, and BN's cost inside the step,
+speed-ups ``torch / bnlab`` and ``torch / bnlab-fused`` with paired bootstrap intervals, and BN's cost inside the step,
 ``cost = arm − identity``, with ``bnlab cost / torch cost`` and its interval.
 
     training step  SGD (momentum 0.9): zero_grad, forward, cross-entropy, backward, step
@@ -30,7 +31,7 @@ from bnlab.bench.timing import alternate, bootstrap_interval, cost_ratio, median
 SIZES = {"b8-64": (8, 64), "b32-112": (32, 112)}  # name: (batch, image side)
 NETWORKS = ("resnet18", "resnet50")
 MODES = ("train", "eval")
-ARMS = ("torch", "bnlab", "identity")
+ARMS = ("torch", "bnlab", "bnlab-fused", "identity")
 
 
 def _without_batchnorm(model: nn.Module) -> nn.Module:
@@ -42,13 +43,15 @@ def _without_batchnorm(model: nn.Module) -> nn.Module:
     return model
 
 
-def arms(network: str, width: int = 64, seed: int = 0) -> dict[str, nn.Module]:
-    """The three arms of ``network``: torch BN, bnlab BN, BN as identity; same weights."""
+def arms(network: str, example: torch.Tensor, width: int = 64, seed: int = 0) -> dict[str, nn.Module]:  # fmt: skip
+    """The arms of ``network`` (:data:`ARMS`), all with the same weights; ``example`` is an
+    input for the fusion pass."""
     torch.manual_seed(seed)
     reference = resnet(network, width)
     return {
         "torch": reference,
         "bnlab": bnn.convert(copy.deepcopy(reference)),
+        "bnlab-fused": bnn.convert(copy.deepcopy(reference), example=example),
         "identity": _without_batchnorm(copy.deepcopy(reference)),
     }
 
@@ -71,7 +74,7 @@ def step(model: nn.Module, x: torch.Tensor, target: torch.Tensor, mode: str) -> 
         loss = F.cross_entropy(model(x), target)
         loss.backward()
         optimizer.step()
-        return float(loss)
+        return float(loss.detach())
 
     return train_step
 
@@ -82,11 +85,11 @@ def bench_case(network: str, size: str, mode: str, *, rounds: int = 10, warmup: 
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(batch, 3, side, side, generator=generator)
     target = torch.randint(0, 1000, (batch,), generator=generator)
-    models = arms(network, width)
+    models = arms(network, x, width)
     calls = {name: step(model, x, target, mode) for name, model in models.items()}
     losses = {name: fn() for name, fn in calls.items()}  # also checks that every arm runs
     times = alternate(calls, rounds, warmup)
-    t, b, i = (np.asarray(times[a]) for a in ARMS)
+    t, b, fused, i = (np.asarray(times[a]) for a in ARMS)
     row = {
         "network": network, "size": size, "batch": batch, "side": side, "mode": mode,
         "rounds": rounds, "warmup": warmup, "width": width,
@@ -95,15 +98,21 @@ def bench_case(network: str, size: str, mode: str, *, rounds: int = 10, warmup: 
         "finite": {a: bool(np.isfinite(v)) for a, v in losses.items()},
         "speedup": median_ratio(t, b),
         "speedup_ci": bootstrap_interval(median_ratio, t, b, resamples=resamples),
+        "fused_speedup": median_ratio(t, fused),
+        "fused_speedup_ci": bootstrap_interval(median_ratio, t, fused, resamples=resamples),
         "identity_speedup": median_ratio(t, i),
     }  # fmt: skip
     if np.median(t) > np.median(i):  # BN's cost is measurable: compare bnlab's to torch's
         row["cost_ratio"] = cost_ratio(b, t, i)
         row["cost_ratio_ci"] = bootstrap_interval(cost_ratio, b, t, i, resamples=resamples)
+        row["fused_cost_ratio"] = cost_ratio(fused, t, i)
+        row["fused_cost_ratio_ci"] = bootstrap_interval(cost_ratio, fused, t, i, resamples=resamples)  # fmt: skip
     else:
         row["cost_ratio"] = row["cost_ratio_ci"] = None
+        row["fused_cost_ratio"] = row["fused_cost_ratio_ci"] = None
     row["torch_bn_cost_ms"] = row["torch_ms"] - row["identity_ms"]
     row["bnlab_bn_cost_ms"] = row["bnlab_ms"] - row["identity_ms"]
+    row["bnlab-fused_bn_cost_ms"] = row["bnlab-fused_ms"] - row["identity_ms"]
     return row
 
 
@@ -132,8 +141,9 @@ def _line(row: dict) -> str:
     low, high = row["speedup_ci"]
     return (
         f"{row['network']} {row['size']} {row['mode']}: torch {row['torch_ms']:.1f} ms, bnlab "
-        f"{row['bnlab_ms']:.1f} ms ({row['speedup']:.3f}× [{low:.3f}, {high:.3f}]), BN as "
-        f"identity {row['identity_ms']:.1f} ms"
+        f"{row['bnlab_ms']:.1f} ms ({row['speedup']:.3f}× [{low:.3f}, {high:.3f}]), fused "
+        f"{row['bnlab-fused_ms']:.1f} ms ({row['fused_speedup']:.3f}×), BN as identity "
+        f"{row['identity_ms']:.1f} ms"
     )
 
 

@@ -71,19 +71,26 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-MODEL_COLUMNS = ("network", "batch, image", "mode", "torch ms", "bnlab ms", "BN=identity ms", "speed-up [95% CI]", "bnlab BN cost / torch's [95% CI]")  # fmt: skip
+MODEL_COLUMNS = ("network", "batch, image", "mode", "torch ms", "bnlab ms", "fused ms", "BN=identity ms", "bnlab speed-up [95% CI]", "fused speed-up [95% CI]", "BN cost / torch's: bnlab, fused")  # fmt: skip
+
+
+def _interval(value: float | None, interval, digits: int = 3, suffix: str = "×") -> str:
+    if value is None:
+        return "n/a"
+    low, high = interval
+    return f"{value:.{digits}f}{suffix} [{low:.{digits}f}, {high:.{digits}f}]"
 
 
 def _model_cells(row: dict) -> list[str]:
-    low, high = row["speedup_ci"]
-    cost = "n/a (torch BN costs nothing measurable)"
-    if row["cost_ratio"] is not None:
-        cost_low, cost_high = row["cost_ratio_ci"]
-        cost = f"{row['cost_ratio']:.2f} [{cost_low:.2f}, {cost_high:.2f}]"
+    if row["cost_ratio"] is None:
+        cost = "n/a (torch BN costs nothing measurable)"
+    else:
+        cost = f"{_interval(row['cost_ratio'], row['cost_ratio_ci'], 2, '')}; {_interval(row['fused_cost_ratio'], row['fused_cost_ratio_ci'], 2, '')}"  # fmt: skip
     return [
         row["network"], f"{row['batch']}, {row['side']}²", row["mode"],
-        f"{row['torch_ms']:.1f}", f"{row['bnlab_ms']:.1f}", f"{row['identity_ms']:.1f}",
-        f"{row['speedup']:.3f}× [{low:.3f}, {high:.3f}]", cost,
+        f"{row['torch_ms']:.1f}", f"{row['bnlab_ms']:.1f}", f"{row['bnlab-fused_ms']:.1f}",
+        f"{row['identity_ms']:.1f}", _interval(row["speedup"], row["speedup_ci"]),
+        _interval(row["fused_speedup"], row["fused_speedup_ci"]), cost,
     ]  # fmt: skip
 
 
