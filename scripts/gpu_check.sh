@@ -42,6 +42,27 @@ for offset in (0.0, 1e4, 1e6):
     print(f"| {offset:g} | {err(theirs, want):.2e} | {err(ours, want):.2e} | {err(x.grad, x64.grad):.2e} |")
 PY
 note "precision: rc=$? ($(( $(date +%s) - START )) s)"
+
+timeout 45 $PY - > "$OUT/overhead.txt" 2>&1 <<'PY'
+import time, torch
+import torch.nn.functional as F
+from bnlab.kernels.cuda import launch
+from bnlab.kernels.cuda.autograd import batch_norm
+x = torch.randn(8, 16, 4, 4, device="cuda", requires_grad=True)
+dy = torch.randn_like(x)
+for name, fn in (("bnlab", lambda: batch_norm(x, None, None, None, None, True)), ("torch", lambda: F.batch_norm(x, None, None, training=True))):
+    for _ in range(20):
+        fn().backward(dy)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(200):
+        fn().backward(dy)
+    host = (time.perf_counter() - t) / 200 * 1e6
+    torch.cuda.synchronize()
+    print(f"host time per train fwd+bwd call on a tiny tensor: {name} {host:.0f} us")
+print("launches:", launch.STATS)
+PY
+cat "$OUT/overhead.txt" >> "$OUT/summary.txt"
 cat "$OUT/precision.txt" >> "$OUT/summary.txt"
 
 timeout "${BENCH_S:-170}" $PY -m bnlab.bench.cuda --compile --out "$OUT/bench.json" \

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from bnlab.kernels.cuda import report
+from bnlab.kernels.cuda.launch import launch
 from bnlab.kernels.cuda.plan import Plan, geometry, make_plan, to_layout
 from bnlab.kernels.cuda.triton_kernels import (
     backward_apply_kernel,
@@ -46,7 +47,7 @@ def _split(value: float) -> tuple[float, float]:
 def _counter(device: torch.device, size: int) -> Tensor:
     """Zeroed int32 tickets, one per channel block; the finalizing CTA resets its own to 0, so
     the buffer is reused (one per device and stream: launches on one stream are ordered)."""
-    stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (device, stream)
     buf = _COUNTERS.get(key)
     if buf is None or buf.numel() < size:
@@ -59,12 +60,14 @@ def _sums(plan: Plan, x, g, y, shift, mean_d, invstd, out1, out2, eps, backward,
     acc = compute_dtype(x.dtype)
     part = torch.empty((2, plan.chunks, plan.C), dtype=acc, device=x.device)
     eps_hi, eps_lo = _split(eps)
-    sums_kernel[(plan.chunks, plan.cblocks)](
-        x, g if g is not None else x, y if y is not None else x,
-        shift, mean_d, invstd, out1, out2, part, _counter(x.device, plan.cblocks),
-        plan.M, plan.C, plan.S, plan.sblocks, plan.tiles_per_chunk, plan.chunks, eps_hi, eps_lo,
-        BACKWARD=backward, RELU=relu, ROWS=plan.rows, WIDE=plan.wide, ACC=_acc(x.dtype),
-        BLOCK_R=plan.block_r, BLOCK_W=plan.block_w, BLOCK_C=plan.block_c, FIN_K=plan.fin_k, num_warps=plan.warps,
+    launch(
+        sums_kernel, (plan.chunks, plan.cblocks), plan.warps,
+        x_ptr=x, g_ptr=g if g is not None else x, y_ptr=y if y is not None else x,
+        shift_ptr=shift, mean_d_ptr=mean_d, invstd_ptr=invstd, out1_ptr=out1, out2_ptr=out2,
+        part_ptr=part, counter_ptr=_counter(x.device, plan.cblocks),
+        M=plan.M, C=plan.C, S=plan.S, sblocks=plan.sblocks, tiles_per_chunk=plan.tiles_per_chunk,
+        num_chunks=plan.chunks, eps_hi=eps_hi, eps_lo=eps_lo, BACKWARD=backward, RELU=relu, ROWS=plan.rows, WIDE=plan.wide, ACC=_acc(x.dtype),
+        BLOCK_R=plan.block_r, BLOCK_W=plan.block_w, BLOCK_C=plan.block_c, FIN_K=plan.fin_k,
     )  # fmt: skip
 
 
@@ -83,7 +86,8 @@ def forward(
     shift = torch.empty(C, dtype=acc, device=dev)
     mean_d = torch.empty(C, dtype=acc, device=dev)
     invstd = torch.empty(C, dtype=acc, device=dev)
-    bad = torch.empty(C, dtype=torch.bool, device=dev)
+    bad8 = torch.empty(C, dtype=torch.uint8, device=dev)  # kernels write 0/1 bytes: no i1 pointers
+    bad = bad8.view(torch.bool)
     out = torch.empty_like(x)
     if x.numel() == 0:
         shift.zero_(), mean_d.zero_(), invstd.zero_(), bad.zero_()
@@ -92,24 +96,26 @@ def forward(
         raise ValueError("running_mean, running_var: expected tensors in eval mode, got None")
     res = to_layout(residual, x) if residual is not None else None
     plan = make_plan(geo, x)
-    var = torch.empty(C, dtype=acc, device=dev) if training else bad
+    var = torch.empty(C, dtype=acc, device=dev) if training else bad8
     if training:
-        _sums(plan, x, None, None, shift, mean_d, invstd, var, bad, eps, False, False)
+        _sums(plan, x, None, None, shift, mean_d, invstd, var, bad8, eps, False, False)
     mom_hi, mom_lo = _split(momentum)
     eps_hi, eps_lo = _split(eps)
     dummy = shift
-    forward_apply_kernel[(plan.apply_chunks, plan.cblocks)](
-        x, res if res is not None else x, out, shift, mean_d, invstd,
-        weight if weight is not None else dummy, bias if bias is not None else dummy,
-        running_mean if running_mean is not None else dummy,
-        running_var if running_var is not None else dummy, var, bad,
-        plan.M, plan.C, plan.S, plan.sblocks, plan.apply_tiles_per_chunk, mom_hi, mom_lo, eps_hi, eps_lo,
-        TRAINING=training, HAS_W=weight is not None, HAS_B=bias is not None,
+    launch(
+        forward_apply_kernel, (plan.apply_chunks, plan.cblocks), plan.warps,
+        x_ptr=x, res_ptr=res if res is not None else x, out_ptr=out, shift_ptr=shift,
+        mean_d_ptr=mean_d, invstd_ptr=invstd, w_ptr=weight if weight is not None else dummy,
+        b_ptr=bias if bias is not None else dummy,
+        rm_ptr=running_mean if running_mean is not None else dummy,
+        rv_ptr=running_var if running_var is not None else dummy, var_ptr=var, bad_ptr=bad8,
+        M=plan.M, C=plan.C, S=plan.S, sblocks=plan.sblocks, tiles_per_chunk=plan.apply_tiles_per_chunk,
+        mom_hi=mom_hi, mom_lo=mom_lo, eps_hi=eps_hi, eps_lo=eps_lo, TRAINING=training, HAS_W=weight is not None, HAS_B=bias is not None,
         HAS_RES=res is not None, RELU=activation == 1, POLICY=int(nonfinite),
         HAS_RM=running_mean is not None, HAS_RV=running_var is not None,
         UPDATE=training and (running_mean is not None or running_var is not None), ROWS=plan.rows,
         WIDE=plan.wide, ACC=_acc(x.dtype), BLOCK_R=plan.block_r, BLOCK_W=plan.block_w, BLOCK_C=plan.block_c,
-        UPD_BLOCK=plan.upd_block, num_warps=plan.warps,
+        UPD_BLOCK=plan.upd_block,
     )  # fmt: skip
     if report_ and training and nonfinite in (1, 2):
         report.report(bad, int(nonfinite))
@@ -145,14 +151,16 @@ def backward(
         if need_sums:
             _sums(plan, x, g, y, shift, mean_d, invstd, sum_g, sum_gx, 1.0, True, relu)
         if want_dx or want_dres:
-            backward_apply_kernel[(plan.apply_chunks, plan.cblocks)](
-                g, x, y if y is not None else x, dx if want_dx else x, dres if want_dres else x,
-                shift, mean_d, invstd, weight if weight is not None else invstd,
-                sum_g if need_sums else invstd, sum_gx if need_sums else invstd,
-                plan.M, plan.C, plan.S, plan.sblocks, plan.apply_tiles_per_chunk,
-                TRAINING=training, HAS_W=weight is not None, RELU=relu, WANT_DX=want_dx,
+            launch(
+                backward_apply_kernel, (plan.apply_chunks, plan.cblocks), plan.warps,
+                g_ptr=g, x_ptr=x, y_ptr=y if y is not None else x, dx_ptr=dx if want_dx else x,
+                dres_ptr=dres if want_dres else x, shift_ptr=shift, mean_d_ptr=mean_d,
+                invstd_ptr=invstd, w_ptr=weight if weight is not None else invstd,
+                sum_g_ptr=sum_g if need_sums else invstd, sum_gx_ptr=sum_gx if need_sums else invstd,
+                M=plan.M, C=plan.C, S=plan.S, sblocks=plan.sblocks,
+                tiles_per_chunk=plan.apply_tiles_per_chunk, TRAINING=training, HAS_W=weight is not None, RELU=relu, WANT_DX=want_dx,
                 WANT_DRES=want_dres, ROWS=plan.rows, WIDE=plan.wide, ACC=_acc(x.dtype),
-                BLOCK_R=plan.block_r, BLOCK_W=plan.block_w, BLOCK_C=plan.block_c, num_warps=plan.warps,
+                BLOCK_R=plan.block_r, BLOCK_W=plan.block_w, BLOCK_C=plan.block_c,
             )  # fmt: skip
     return (
         dx,

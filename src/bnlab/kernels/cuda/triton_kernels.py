@@ -57,8 +57,10 @@ def _reduce(acc, ROWS: tl.constexpr):
 
 
 @triton.jit
-def _finite(v):
-    return (v - v) == 0  # inf - inf and NaN - NaN are NaN
+def _nonfinite(v):
+    # inf·0 and NaN·0 are NaN, and NaN != 0. (Not v - v: with FP fusion, a product minus
+    # itself becomes an fma that returns the product's rounding error, not 0.)
+    return (v * 0.0) != 0.0
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -132,7 +134,7 @@ def sums_kernel(
             invstd = 1.0 / tl.sqrt(var + eps)
             unbiased = var * (n / tl.maximum(n - 1.0, 1.0))
             mean = shift.to(tl.float64) + mean_d
-            bad = ~(_finite(mean) & _finite(unbiased))
+            bad = tl.where(_nonfinite(mean) | _nonfinite(unbiased), 1, 0).to(tl.uint8)
             tl.store(shift_ptr + c, shift, mask=cmask)
             tl.store(mean_d_ptr + c, mean_d.to(ACC), mask=cmask)
             tl.store(invstd_ptr + c, invstd.to(ACC), mask=cmask)
@@ -153,13 +155,13 @@ def _update_running(
     if POLICY == 2:
         for c0 in range(0, C, BLOCK):
             c = c0 + tl.arange(0, BLOCK)
-            b = tl.load(bad_ptr + c, mask=c < C, other=0).to(tl.int32)
+            b = (tl.load(bad_ptr + c, mask=c < C, other=0) != 0).to(tl.int32)
             any_bad += tl.sum(b, axis=0)
     for c0 in range(0, C, BLOCK):
         c = c0 + tl.arange(0, BLOCK)
         m = c < C
         if POLICY == 1:
-            m = m & (tl.load(bad_ptr + c, mask=m, other=1).to(tl.int32) == 0)
+            m = m & (tl.load(bad_ptr + c, mask=m, other=1) == 0)
         if POLICY == 2:
             m = m & ((c * 0 + any_bad) == 0)
         if HAS_RM:
@@ -206,7 +208,7 @@ def forward_apply_kernel(
             tl.store(shift_ptr + c, shift, mask=cmask)
             tl.store(mean_d_ptr + c, mean_d, mask=cmask)
             tl.store(invstd_ptr + c, invstd, mask=cmask)
-            tl.store(bad_ptr + c, mean_d != mean_d, mask=cmask)  # all False
+            tl.store(bad_ptr + c, tl.zeros([BLOCK_C], dtype=tl.uint8), mask=cmask)
     scale = invstd
     if HAS_W:
         scale = scale * tl.load(w_ptr + c, mask=cmask, other=0).to(ACC)
