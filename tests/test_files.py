@@ -14,8 +14,31 @@ def test_atomic_write_replaces_whole_file(tmp_path):
     files.atomic_write_text(path, "one")
     files.atomic_write_text(path, "two")
     assert path.read_text() == "two"
-    assert oct(path.stat().st_mode & 0o777) != oct(0o600), "usual permissions, not mkstemp's"
     assert [p.name for p in path.parent.iterdir()] == ["a.txt"]
+
+
+def _write_with_umask(mask, path):
+    old = os.umask(mask)
+    try:
+        return files.atomic_write_text(path, "x")
+    finally:
+        os.umask(old)
+
+
+def test_permissions_follow_the_umask_at_write_time(tmp_path):
+    for mask, mode in ((0o022, 0o644), (0o077, 0o600), (0o002, 0o664)):
+        path = _write_with_umask(mask, tmp_path / f"{mask}.txt")
+        assert oct(path.stat().st_mode & 0o777) == oct(mode), f"umask {oct(mask)}"
+
+
+def test_importing_changes_nothing_global(monkeypatch):
+    import importlib
+
+    def no_umask(*_args):
+        raise AssertionError("bnlab.files touched the process umask at import")
+
+    monkeypatch.setattr(os, "umask", no_umask)
+    importlib.reload(files)
 
 
 def test_failed_write_leaves_old_file_and_no_debris(tmp_path, monkeypatch):

@@ -197,7 +197,8 @@ def test_cli_fold_full_model_torchscript_and_bad_files(tmp_path):
     model = trained(SmallResNet(), x)
     torch.save(model, tmp_path / "model.pt")
     result = runner.invoke(
-        app, ["fold", str(tmp_path / "model.pt"), "-o", str(tmp_path / "folded.pt")]
+        app,
+        ["fold", str(tmp_path / "model.pt"), "-o", str(tmp_path / "folded.pt"), "--trust-file"],
     )
     assert result.exit_code == 0, result.output
     assert "folded 5 BatchNorm layer(s)" in result.output and "kept after_relu" in result.output

@@ -279,13 +279,20 @@ def fold(
     ),
     output: Path = typer.Option(..., "-o", "--output", help="Where to write the folded model."),
     input_shape: str = typer.Option(None, help="Input shape for timing, e.g. 1,3,224,224."),
+    trust_file: bool = typer.Option(
+        False,
+        "--trust-file",
+        help="Unpickle the file fully (torch.load weights_only=False). RISK: a pickle can run "
+        "any code on this machine while it loads; only for files you trust. Without it, only "
+        "TorchScript and models of torch/bnlab module classes load.",
+    ),
 ) -> None:
     """Fold BatchNorm into the preceding conv/linear layers of a saved model."""
     from bnlab.inference.foldfile import fold_file
 
     try:
         shape = tuple(int(s) for s in input_shape.split(",")) if input_shape else None
-        result = fold_file(model_file, output, shape)
+        result = fold_file(model_file, output, shape, trust_file)
     except (ValueError, FileNotFoundError, TypeError) as error:
         console.print(f"[red]error:[/red] {error}")
         raise typer.Exit(2) from None

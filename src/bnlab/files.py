@@ -1,6 +1,8 @@
 """Atomic file output: write to a temporary file beside the target, then rename.
 
-A reader never sees a half-written file, and an interrupted write leaves no debris.
+A reader never sees a half-written file, and an interrupted write leaves no debris. The
+file gets the usual permissions (0o666 less the process umask at the time of writing); the
+umask is never read or changed (the kernel applies it when the temporary file is created).
 """
 
 from __future__ import annotations
@@ -8,27 +10,33 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+
+def _create_beside(path: Path) -> tuple[int, str]:
+    """A new temporary file beside ``path``, mode 0o666 & ~umask: ``(fd, name)``."""
+    while True:
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:  # pragma: no cover - 48 random bits
+            continue
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (same-directory temp file + ``os.replace``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _create_beside(path)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -2,12 +2,19 @@
 
 Full models saved with ``torch.save(model)`` are folded by :func:`bnlab.inference.fold_batchnorm`;
 TorchScript files by ``torch.jit.freeze``, which folds conv–BN pairs in the script graph.
-Loading a pickled model runs code from the file: fold only files you trust.
+
+Loading is safe by default: TorchScript through ``torch.jit.load``, pickles through
+``torch.load(weights_only=True)`` with an allow-list of torch's and bnlab's module classes, so
+a file cannot run code while it loads. A model of user-defined classes needs full unpickling,
+which runs whatever code the file holds: only with ``trust_file=True`` (``--trust-file``).
 """
 
 from __future__ import annotations
 
+import inspect
 import io
+import pickle
+import re
 import warnings
 import zipfile
 from pathlib import Path
@@ -15,14 +22,49 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from bnlab import inference
+from bnlab import nn as bnn
 from bnlab.files import atomic_write_bytes
 from bnlab.inference.fold import fold_batchnorm
 from bnlab.inference.timing import time_inference
 from bnlab.nn.classes import is_batchnorm
 
 
-def load_model(path: Path) -> nn.Module | torch.jit.ScriptModule:
-    """A full model from ``torch.save`` or a TorchScript file; clear errors for anything else."""
+def allowed_classes() -> list[type]:
+    """The module classes a safe load may rebuild: everything ``torch.nn``, ``bnlab.nn`` and
+    ``bnlab.inference`` export (their constructors are not called; their state is set)."""
+    found = {}
+    for namespace in (nn, bnn, inference):
+        for name in dir(namespace):
+            value = getattr(namespace, name)
+            if inspect.isclass(value) and issubclass(value, nn.Module):
+                found[value] = None
+    return list(found)
+
+
+def _unpickle(path: Path, trust_file: bool):
+    if trust_file:  # the user said so: full unpickling runs the file's code
+        return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        with torch.serialization.safe_globals(allowed_classes()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        needs = found.group(1) if found else "a global outside the allow-list"
+        raise ValueError(
+            f"{path}: refused to unpickle: it needs {needs}, which is not among torch's and "
+            "bnlab's module classes, and unpickling it could run any code the file holds. "
+            "Pass --trust-file (trust_file=True) only for a file you trust, or save the model "
+            "as TorchScript (torch.jit.save(torch.jit.script(model), path))"
+        ) from None
+
+
+def load_model(path: Path, trust_file: bool = False) -> nn.Module | torch.jit.ScriptModule:
+    """A full model from ``torch.save`` or a TorchScript file; clear errors for anything else.
+
+    Pickles load with ``weights_only=True`` and :func:`allowed_classes`; ``trust_file=True``
+    allows full unpickling, which lets the file run any code on this machine.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found (expected a model saved with torch.save or torch.jit.save)")  # fmt: skip
@@ -33,7 +75,9 @@ def load_model(path: Path) -> nn.Module | torch.jit.ScriptModule:
                     warnings.simplefilter("ignore", DeprecationWarning)
                     return torch.jit.load(str(path), map_location="cpu")
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=False)
+        loaded = _unpickle(path, trust_file)
+    except ValueError:
+        raise
     except Exception as error:
         raise ValueError(f"{path}: not a PyTorch model file ({type(error).__name__}: {error})") from error  # fmt: skip
     if isinstance(loaded, dict):
@@ -69,9 +113,15 @@ def _script_batchnorm_count(module: torch.jit.ScriptModule) -> int:
     return sum(1 for node in graph.nodes() if node.kind() == "aten::batch_norm")
 
 
-def fold_file(source: Path, target: Path, input_shape: tuple[int, ...] | None = None) -> dict:
-    """Fold ``source`` into ``target``; returns what was folded and the measured speed-up."""
-    model = load_model(source)
+def fold_file(
+    source: Path,
+    target: Path,
+    input_shape: tuple[int, ...] | None = None,
+    trust_file: bool = False,
+) -> dict:
+    """Fold ``source`` into ``target``; returns what was folded and the measured speed-up.
+    ``trust_file``: see :func:`load_model`."""
+    model = load_model(source, trust_file)
     if isinstance(model, torch.jit.ScriptModule):
         model = model.eval()
         before = _script_batchnorm_count(model)
