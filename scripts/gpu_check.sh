@@ -46,7 +46,6 @@ note "precision: rc=$? ($(( $(date +%s) - START )) s)"
 timeout 45 $PY - > "$OUT/overhead.txt" 2>&1 <<'PY'
 import time, torch
 import torch.nn.functional as F
-from bnlab.kernels.cuda import launch
 from bnlab.kernels.cuda.autograd import batch_norm
 x = torch.randn(8, 16, 4, 4, device="cuda", requires_grad=True)
 dy = torch.randn_like(x)
@@ -60,7 +59,6 @@ for name, fn in (("bnlab", lambda: batch_norm(x, None, None, None, None, True)),
     host = (time.perf_counter() - t) / 200 * 1e6
     torch.cuda.synchronize()
     print(f"host time per train fwd+bwd call on a tiny tensor: {name} {host:.0f} us")
-print("launches:", launch.STATS)
 PY
 cat "$OUT/overhead.txt" >> "$OUT/summary.txt"
 cat "$OUT/precision.txt" >> "$OUT/summary.txt"

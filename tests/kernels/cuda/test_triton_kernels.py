@@ -234,11 +234,8 @@ def test_register_is_idempotent_and_needs_the_operators():
 
 
 def test_repeated_calls_agree_with_reference(device):
-    """The second and later launches of a configuration (on a GPU: the cached launcher, no
-    JIT binder) compute what the first did, for new data in the same shapes."""
-    from bnlab.kernels.cuda import launch
-
-    before = launch.STATS["fast"]
+    """Later launches of a configuration (the ticket counters reset by the finalizing CTAs,
+    Triton's kernel cache) compute what the first did, for new data in the same shapes."""
     for seed in range(3):
         x, res, dy, w, b = _inputs((4, 6, 3, 5), "channels_last", torch.float32, "add_relu", True, device, seed=10 + seed)  # fmt: skip
         want_out, want_dx, want_dw, _, _ = _oracle(x.cpu(), w.cpu(), b.cpu(), res.cpu(), dy.cpu(), True, True)  # fmt: skip
@@ -248,5 +245,3 @@ def test_repeated_calls_agree_with_reference(device):
         assert scaled_error(out.cpu(), want_out) <= 2e-5
         assert scaled_error(xl.grad.cpu(), want_dx) <= 1e-4
         assert scaled_error(wl.grad.cpu(), want_dw) <= 1e-3
-    if device == "cuda":
-        assert launch.STATS["fast"] >= before + 8  # 4 launches per call, calls 2 and 3

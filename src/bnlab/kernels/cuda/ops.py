@@ -56,9 +56,7 @@ def _counter(device: torch.device, size: int) -> Tensor:
     return buf
 
 
-def _sums(plan: Plan, x, g, y, shift, mean_d, invstd, out1, out2, eps, backward, relu):
-    acc = compute_dtype(x.dtype)
-    part = torch.empty((2, plan.chunks, plan.C), dtype=acc, device=x.device)
+def _sums(plan: Plan, x, g, y, shift, mean_d, invstd, out1, out2, part, eps, backward, relu):
     eps_hi, eps_lo = _split(eps)
     launch(
         sums_kernel, (plan.chunks, plan.cblocks), plan.warps,
@@ -96,9 +94,11 @@ def forward(
         raise ValueError("running_mean, running_var: expected tensors in eval mode, got None")
     res = to_layout(residual, x) if residual is not None else None
     plan = make_plan(geo, x)
-    var = torch.empty(C, dtype=acc, device=dev) if training else bad8
-    if training:
-        _sums(plan, x, None, None, shift, mean_d, invstd, var, bad8, eps, False, False)
+    var = bad8  # (eval: unused)
+    if training:  # one workspace: the chunks' partial sums, then the unbiased variance
+        work = torch.empty((2 * plan.chunks + 1) * C, dtype=acc, device=dev)
+        part, var = work[: 2 * plan.chunks * C], work[2 * plan.chunks * C :]
+        _sums(plan, x, None, None, shift, mean_d, invstd, var, bad8, part, eps, False, False)
     mom_hi, mom_lo = _split(momentum)
     eps_hi, eps_lo = _split(eps)
     dummy = shift
@@ -149,7 +149,8 @@ def backward(
     if x.numel() > 0:
         plan = make_plan(geo, x)
         if need_sums:
-            _sums(plan, x, g, y, shift, mean_d, invstd, sum_g, sum_gx, 1.0, True, relu)
+            part = torch.empty(2 * plan.chunks * C, dtype=acc, device=dev)
+            _sums(plan, x, g, y, shift, mean_d, invstd, sum_g, sum_gx, part, 1.0, True, relu)
         if want_dx or want_dres:
             launch(
                 backward_apply_kernel, (plan.apply_chunks, plan.cblocks), plan.warps,

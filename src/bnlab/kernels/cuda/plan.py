@@ -59,15 +59,13 @@ def _channels_last(x: Tensor) -> bool:
 
 def geometry(x: Tensor) -> tuple[Tensor, Geometry]:
     """``x`` (copied to contiguous if neither contiguous nor channels_last) and its geometry."""
-    N, C = x.shape[0], x.shape[1]
-    S = math.prod(x.shape[2:])
-    if S == 1 and (x.is_contiguous() or _channels_last(x)):
-        return x, Geometry(True, N, C, 1)
-    if x.is_contiguous():
-        return x, Geometry(False, N * S, C, S)
-    if _channels_last(x):
-        return x, Geometry(True, N * S, C, S)
-    x = x.contiguous()
+    shape = x.shape
+    N, C = shape[0], shape[1]
+    S = math.prod(shape[2:]) if len(shape) > 2 else 1
+    if not x.is_contiguous():
+        if _channels_last(x):
+            return x, Geometry(True, N * S, C, S)
+        x = x.contiguous()
     return x, Geometry(S == 1, N * S, C, S)
 
 
