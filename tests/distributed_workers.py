@@ -6,6 +6,8 @@ import datetime
 import torch
 import torch.distributed as dist
 
+from bnlab.lab.distributed import drain_before_destroy
+
 
 @contextlib.contextmanager
 def _group(rank: int, world: int, port: int):
@@ -13,6 +15,7 @@ def _group(rank: int, world: int, port: int):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))  # fmt: skip
     try:
         yield
+        drain_before_destroy()  # torch < 2.8 can deadlock in destroy otherwise
     finally:
         dist.destroy_process_group()
 

@@ -152,6 +152,17 @@ def train_steps(
     return losses
 
 
+def drain_before_destroy() -> None:
+    """A barrier before ``destroy_process_group`` on the success path.
+
+    torch before 2.8 destroys a gloo group while holding the GIL and joins its worker threads;
+    a worker still freeing a finished collective whose tensors were last held by Python needs
+    the GIL, and both wait forever (pytorch/pytorch#154976; seen here with torch 2.6 under
+    load). The barrier waits with the GIL released, so the workers finish first.
+    """
+    dist.barrier()
+
+
 def run_rank(config: DistributedConfig) -> list[float]:
     """One rank under torchrun-style environment variables (RANK, WORLD_SIZE, LOCAL_RANK,
     LOCAL_WORLD_SIZE, MASTER_*)."""
@@ -172,6 +183,7 @@ def run_rank(config: DistributedConfig) -> list[float]:
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout, **init)
         try:
             losses = train_steps(config, rank, world, device)
+            drain_before_destroy()
         finally:
             dist.destroy_process_group()
     if rank == 0 and config.out:
