@@ -58,3 +58,45 @@ def test_bn_health_works_on_torch_models_and_rejects_bad_input():
         bn_health(nn.Linear(2, 2), [torch.randn(2, 2)])
     with pytest.raises(ValueError, match="batches: expected at least one batch"):
         bn_health(model, [])
+
+
+def _conv_net(momentum):
+    layers = []
+    for cin in (3, 8, 8):
+        layers += [nn.Conv2d(cin, 8, 3, padding=1), nn.BatchNorm2d(8, momentum=momentum), nn.ReLU()]  # fmt: skip
+    return nn.Sequential(*layers)
+
+
+def _batches(count, seed, scale=3.0, offset=2.0):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(16, 3, 8, 8, generator=generator) * scale + offset for _ in range(count)]
+
+
+def test_bn_health_tells_unconverged_statistics_from_a_mismatch():
+    torch.manual_seed(0)
+    model = _conv_net(momentum=0.1).train()
+    with torch.no_grad():
+        for batch in _batches(5, seed=1):  # 5 steps on the data checked below: matched data
+            model(batch)
+    report = bn_health(model, _batches(3, seed=2))
+    flagged = [h for h in report if not h.ok]
+    assert flagged, "5 batches at momentum 0.1 leave 59% of the initial statistics"
+    assert all(h.cause == "unconverged" for h in flagged), [(h.name, h.cause, h.reason) for h in flagged]  # fmt: skip
+    assert "5 batch(es) tracked at momentum 0.1 leave 59%" in flagged[0].reason
+    assert abs(report[0].initial_weight - 0.9**5) < 1e-12 and report[0].batches_tracked == 5
+    assert "UNCONVERGED" in format_health(report) and "MISMATCH" not in format_health(report)
+
+
+@pytest.mark.parametrize("momentum", [None, 0.5])  # converged: (1 - 0.5)^10 < 0.1 %
+def test_bn_health_names_a_real_train_eval_mismatch(momentum):
+    torch.manual_seed(0)
+    model = _conv_net(momentum=momentum).train()
+    with torch.no_grad():
+        for batch in _batches(10, seed=1):
+            model(batch)
+    matched = bn_health(model, _batches(3, seed=2))
+    assert all(h.ok and h.cause == "" for h in matched)
+    shifted = bn_health(model, _batches(3, seed=2, scale=3.0, offset=12.0))
+    assert not shifted[0].ok and shifted[0].cause == "mismatch"
+    assert "train/eval mismatch" in shifted[0].reason
+    assert "MISMATCH" in format_health(shifted)

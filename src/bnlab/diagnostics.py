@@ -18,6 +18,7 @@ from torch import nn
 from bnlab.nn.classes import is_batchnorm
 
 PERCENTILES = (1, 15, 50, 85, 99)
+UNCONVERGED_WEIGHT = 0.05  # running statistics holding more of their initial 0 / 1 are unconverged
 
 
 @dataclass
@@ -90,7 +91,13 @@ def record(
 
 @dataclass
 class BNHealth:
-    """One BatchNorm layer's condition on some batches."""
+    """One BatchNorm layer's condition on some batches, and, when it is flagged, the cause.
+
+    ``cause`` is ``""`` (ok), ``"unconverged"`` (the running statistics, or those of layers
+    before it, still hold much of their initial 0 / 1: few batches tracked at this momentum),
+    ``"mismatch"`` (a real train/eval mismatch: the running statistics do not describe these
+    batches), or ``"broken"`` (dead, exploding or non-finite channels); ``reason`` says why.
+    """
 
     name: str
     channels: int
@@ -99,6 +106,12 @@ class BNHealth:
     dead_channels: int  # channels whose batch variance is ~0 (constant input)
     exploding_channels: int  # channels whose running or batch variance exceeds 1e6
     nonfinite_running: int  # channels whose running statistics are NaN or Inf
+    batches_tracked: int | None = None  # num_batches_tracked
+    initial_weight: float = 0.0  # share of the running statistics still the initial 0 / 1
+    train_mean_shift: float = 0.0  # as mean_shift, against training-mode batch statistics
+    train_var_ratio: float = 1.0  # as var_ratio, against training-mode batch statistics
+    cause: str = ""
+    reason: str = ""
 
     @property
     def ok(self) -> bool:
@@ -106,67 +119,195 @@ class BNHealth:
                 and self.mean_shift < 1.0 and self.var_ratio < 4.0)  # fmt: skip
 
 
+class _Moments:
+    """Per-channel count, sum and sum of squares of a BN's input, in float64."""
+
+    def __init__(self) -> None:
+        self.count, self.total, self.squares = 0, 0.0, 0.0
+
+    def add(self, input: torch.Tensor) -> None:
+        x = input.detach().double().transpose(0, 1).flatten(1)  # (C, values)
+        self.count += x.shape[1]
+        self.total = self.total + x.sum(1)
+        self.squares = self.squares + (x * x).sum(1)
+
+    def mean_var(self) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = self.total / self.count
+        return mean, (self.squares / self.count - mean**2).clamp_min(0)
+
+
+def _discrepancy(mean, var, running_mean, running_var) -> tuple[float, float]:
+    """(max |mean - running_mean| / running std, max variance ratio either way), finite channels."""
+    finite = torch.isfinite(running_mean) & torch.isfinite(running_var)
+    if not finite.any():
+        return math.inf, math.inf
+    safe_var = running_var[finite].clamp_min(1e-12)
+    shift = (mean[finite] - running_mean[finite]).abs() / safe_var.sqrt()
+    ratio = torch.maximum(var[finite] / safe_var, safe_var / var[finite].clamp_min(1e-12))
+    return float(shift.max()), float(ratio.max())
+
+
+def _initial_weight(bn: nn.Module) -> tuple[int | None, float]:
+    """``(n, w0)``: batches tracked and the weight the initial 0 / 1 still has in the running
+    statistics, ``(1 - momentum)^n`` (0 after one batch with ``momentum=None``, the average)."""
+    tracked = getattr(bn, "num_batches_tracked", None)
+    if tracked is None:
+        return None, 0.0
+    n = int(tracked)
+    momentum = getattr(bn, "momentum", 0.1)
+    if momentum is None:
+        return n, 1.0 if n == 0 else 0.0
+    return n, (1.0 - float(momentum)) ** n
+
+
+def _flagged(shift: float, ratio: float) -> bool:
+    return not (shift < 1.0 and ratio < 4.0)
+
+
+def _diagnose(entry: BNHealth, bn: nn.Module, train: tuple, upstream: list[str]) -> None:
+    """Set ``cause`` and ``reason`` of a layer (``train``: training-mode mean and variance)."""
+    running_mean, running_var = bn.running_mean.double(), bn.running_var.double()
+    entry.train_mean_shift, entry.train_var_ratio = _discrepancy(*train, running_mean, running_var)
+    n, w0 = entry.batches_tracked, entry.initial_weight
+    if entry.nonfinite_running or entry.dead_channels or entry.exploding_channels:
+        entry.cause, entry.reason = "broken", "dead, exploding or non-finite channels"
+        return
+    if entry.ok:
+        return
+    momentum = getattr(bn, "momentum", None)
+    if n == 0:
+        entry.cause, entry.reason = "unconverged", "no batch tracked: the running statistics are the initial mean 0, variance 1"  # fmt: skip
+        return
+    if w0 >= UNCONVERGED_WEIGHT:
+        corrected = (running_mean / (1 - w0), ((running_var - w0) / (1 - w0)).clamp_min(1e-12))
+        shift, ratio = _discrepancy(*train, *corrected)
+        explained = (
+            "corrected for that, they match training-mode batch statistics"
+            if not _flagged(shift, ratio)
+            else f"even corrected for that they differ from training-mode batch statistics "
+            f"(mean shift {shift:.3g}, variance ratio {ratio:.3g}): the weights moved while "
+            "they were tracked, or the data differ; recalibrate, then check again"
+        )
+        entry.cause = "unconverged"
+        entry.reason = (
+            f"running statistics not converged: {n} batch(es) tracked at momentum {momentum} "
+            f"leave {w0:.0%} of the initial mean 0 / variance 1 in them; {explained}"
+        )
+        return
+    if _flagged(entry.train_mean_shift, entry.train_var_ratio):
+        entry.cause = "mismatch"
+        entry.reason = (
+            "train/eval mismatch: the running statistics do not describe these batches even "
+            f"in training mode (mean shift {entry.train_mean_shift:.3g}, variance ratio "
+            f"{entry.train_var_ratio:.3g}): other data, or statistics that drifted"
+        )
+        return
+    if upstream:
+        entry.cause = "unconverged"
+        entry.reason = (
+            "its running statistics match training-mode batches; its eval-mode input differs "
+            f"because layers before it have unconverged statistics ({', '.join(upstream[:3])}"
+            f"{', ...' if len(upstream) > 3 else ''})"
+        )
+    else:
+        entry.cause = "mismatch"
+        entry.reason = (
+            "its running statistics match training-mode batches, but its eval-mode input "
+            "differs: a train/eval mismatch in the layers before it"
+        )
+
+
 def bn_health(
     model: nn.Module, batches: Iterable, num_batches: int | None = None
 ) -> list[BNHealth]:
     """Compare every BatchNorm's running statistics with the statistics of ``batches`` (the
-    train/eval discrepancy) and flag dead, exploding and non-finite channels.
+    train/eval discrepancy), flag dead, exploding and non-finite channels, and say why a layer
+    is flagged: running statistics that have not converged yet (few batches tracked at a high
+    momentum), or a real train/eval mismatch.
 
-    The model runs in eval mode under ``no_grad``; nothing in it changes. Works on any torch
-    model with torch's or bnlab's BatchNorm layers.
+    Each batch runs twice under ``no_grad``: in eval mode (what the running statistics meet),
+    and with the BN layers alone in training mode (what the running statistics estimate:
+    each BN's input when every BN normalizes by batch statistics). Nothing in the model
+    changes. Works on any torch model with torch's or bnlab's BatchNorm layers.
     """
     bns = {name: m for name, m in model.named_modules() if is_batchnorm(m) and m.running_mean is not None}  # fmt: skip
     if not bns:
         raise ValueError("model: expected BatchNorm layers with running statistics, found none")
-    sums = {name: [0.0, 0.0, 0.0] for name in bns}  # count, per-channel sum, sum of squares
+    moments = {"eval": {n: _Moments() for n in bns}, "train": {n: _Moments() for n in bns}}
+    order: list[str] = []  # the call order in eval mode
+    phase = ["eval"]
 
     def hook(name):
-        def capture(module, inputs, _output):
-            x = inputs[0].detach().double().transpose(0, 1).flatten(1)  # (C, values)
-            entry = sums[name]
-            entry[0] += x.shape[1]
-            entry[1] = entry[1] + x.sum(1)
-            entry[2] = entry[2] + (x * x).sum(1)
+        def capture(_module, inputs):
+            if phase[0] == "eval" and name not in order:
+                order.append(name)
+            moments[phase[0]][name].add(inputs[0])
 
         return capture
 
-    handles = [m.register_forward_hook(hook(name)) for name, m in bns.items()]
-    was_training, seen = model.training, 0
+    handles = [m.register_forward_pre_hook(hook(name)) for name, m in bns.items()]
+    modes = {m: m.training for m in model.modules()}
+    saved = {bn: {k: v.clone() for k, v in bn.named_buffers(recurse=False)} for bn in bns.values()}
+    seen = 0
     try:
         model.eval()
         with torch.no_grad():
             for batch in batches:
                 if num_batches is not None and seen >= num_batches:
                     break
-                model(batch[0] if isinstance(batch, (tuple, list)) else batch)
+                x = batch[0] if isinstance(batch, (tuple, list)) else batch
+                phase[0] = "eval"
+                model(x)
+                phase[0] = "train"
+                for bn in bns.values():
+                    bn.training = True  # the BN only: its own act/drop stay in eval mode
+                model(x)
+                for bn, buffers in saved.items():  # undo the training-mode updates
+                    bn.training = False
+                    for key, value in buffers.items():
+                        getattr(bn, key).copy_(value)
                 seen += 1
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
+        with torch.no_grad():
+            for bn, buffers in saved.items():
+                for key, value in buffers.items():
+                    getattr(bn, key).copy_(value)
+        for module, training in modes.items():
+            module.training = training
     if seen == 0:
         raise ValueError("batches: expected at least one batch, the iterator was empty")
-    report = []
-    for name, bn in bns.items():
-        count, total, squares = sums[name]
-        mean = total / count
-        var = (squares / count - mean**2).clamp_min(0)
+    report, unconverged = [], []
+    for name in order + [n for n in bns if n not in order]:
+        bn = bns[name]
+        if moments["eval"][name].count == 0:
+            continue  # not called by the model
+        mean, var = moments["eval"][name].mean_var()
         running_mean, running_var = bn.running_mean.double(), bn.running_var.double()
         finite = torch.isfinite(running_mean) & torch.isfinite(running_var)
-        safe_var = torch.where(finite, running_var, torch.ones_like(running_var)).clamp_min(1e-12)
-        shift = (mean - torch.where(finite, running_mean, mean)).abs() / safe_var.sqrt()
-        ratio = torch.maximum(var / safe_var, safe_var / var.clamp_min(1e-12))
-        report.append(BNHealth(
-            name, bn.num_features, float(shift.max()), float(ratio[finite].max()) if finite.any() else math.inf,
-            int((var < 1e-10).sum()), int(((var > 1e6) | (running_var > 1e6)).sum()), int((~finite).sum()),
-        ))  # fmt: skip
+        shift, ratio = _discrepancy(mean, var, running_mean, running_var)
+        n, w0 = _initial_weight(bn)
+        entry = BNHealth(
+            name, bn.num_features, shift, ratio, int((var < 1e-10).sum()),
+            int(((var > 1e6) | (running_var > 1e6)).sum()), int((~finite).sum()), n, w0,
+        )  # fmt: skip
+        _diagnose(entry, bn, moments["train"][name].mean_var(), list(unconverged))
+        if entry.cause == "unconverged":
+            unconverged.append(name)
+        report.append(entry)
     return report
 
 
 def format_health(report: list[BNHealth]) -> str:
-    """The report as a plain-text table."""
+    """The report as a plain-text table, then one line per flagged layer saying why."""
     header = f"{'layer':30} {'C':>5} {'mean shift':>10} {'var ratio':>10} {'dead':>5} {'explode':>7} {'nonfinite':>9}  status"  # fmt: skip
     lines = [header, "-" * len(header)]
     for h in report:
-        lines.append(f"{h.name[:30]:30} {h.channels:5d} {h.mean_shift:10.3f} {h.var_ratio:10.3f} {h.dead_channels:5d} {h.exploding_channels:7d} {h.nonfinite_running:9d}  {'ok' if h.ok else 'CHECK'}")  # fmt: skip
+        status = "ok" if h.ok else (h.cause.upper() if h.cause in ("unconverged", "mismatch") else "CHECK")  # fmt: skip
+        lines.append(f"{h.name[:30]:30} {h.channels:5d} {h.mean_shift:10.3f} {h.var_ratio:10.3f} {h.dead_channels:5d} {h.exploding_channels:7d} {h.nonfinite_running:9d}  {status}")  # fmt: skip
+    causes = [h for h in report if not h.ok and h.reason]
+    if causes:
+        lines.append("")
+        lines += [f"{h.name}: {h.reason}" for h in causes]
     return "\n".join(lines)
