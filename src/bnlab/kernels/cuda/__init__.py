@@ -14,7 +14,7 @@ import os
 
 __all__ = ["available", "backward", "flush_reports", "forward", "interpreted", "register"]
 
-_state: dict = {"library": None}
+_LIBRARIES: dict = {}  # (namespace, dispatch key) -> torch.library.Library
 
 
 def interpreted() -> bool:
@@ -67,27 +67,29 @@ def _backward_impl(grad_out, input, weight, output, shift, mean_d, invstd, train
                     activation, list(output_mask))  # fmt: skip
 
 
-def registered() -> bool:
-    return _state["library"] is not None
+def registered(namespace: str = "bnlab", dispatch_key: str = "CUDA") -> bool:
+    return (namespace, dispatch_key) in _LIBRARIES
 
 
-def register() -> bool:
-    """Register the kernels for ``bnlab::batch_norm_forward`` / ``_backward`` at the CUDA
-    dispatch key. Idempotent; False (nothing done) if the operators are not defined yet or
-    the kernels cannot run here."""
-    if _state["library"] is not None:
+def register(namespace: str = "bnlab", dispatch_key: str = "CUDA") -> bool:
+    """Register the kernels for ``<namespace>::batch_norm_forward`` / ``_backward`` (schemas
+    as in TEAM/README) at ``dispatch_key``. Idempotent; False (nothing done) if the operators
+    are not defined yet or the kernels cannot run here. (Tests use another namespace and the
+    CPU key under the interpreter.)"""
+    if (namespace, dispatch_key) in _LIBRARIES:
         return True
     if not available():
         return False
     import torch
 
     try:
-        torch.ops.bnlab.batch_norm_forward  # noqa: B018  (defined by bnlab's C++ extension)
-        torch.ops.bnlab.batch_norm_backward  # noqa: B018
+        ops = getattr(torch.ops, namespace)
+        ops.batch_norm_forward  # noqa: B018  (defined by bnlab's C++ extension)
+        ops.batch_norm_backward  # noqa: B018
     except (AttributeError, RuntimeError):
         return False
-    library = torch.library.Library("bnlab", "IMPL")
-    library.impl("batch_norm_forward", _forward_impl, "CUDA")
-    library.impl("batch_norm_backward", _backward_impl, "CUDA")
-    _state["library"] = library
+    library = torch.library.Library(namespace, "IMPL")
+    library.impl("batch_norm_forward", _forward_impl, dispatch_key)
+    library.impl("batch_norm_backward", _backward_impl, dispatch_key)
+    _LIBRARIES[(namespace, dispatch_key)] = library
     return True
