@@ -9,6 +9,7 @@ import torch.fx.experimental.optimization
 from torch import nn
 
 from bnlab import nn as bnn
+from bnlab.compat import TORCH_BN_HAS_BIAS
 
 
 class BNAct(nn.BatchNorm2d):
@@ -98,6 +99,10 @@ def test_revert_passes_bias_only_when_it_is_not_the_default(monkeypatch):
     assert type(bnn.revert(bnn.BatchNorm2d(3))) is nn.BatchNorm2d
     assert type(bnn.revert(bnn.SyncBatchNorm(3))) is nn.SyncBatchNorm
     monkeypatch.undo()
+    if not TORCH_BN_HAS_BIAS:  # this torch's BN cannot drop the bias: bnlab's stays, warned
+        with pytest.warns(UserWarning, match=r"no torch counterpart.*<root> \(BatchNorm2d\)"):
+            assert type(bnn.revert(bnn.BatchNorm2d(3, bias=False))) is bnn.BatchNorm2d
+        return
     no_bias = bnn.revert(bnn.BatchNorm2d(3, bias=False))
     assert no_bias.bias is None and no_bias.weight is not None
 

@@ -27,6 +27,7 @@ import warnings
 
 from torch import nn
 
+from bnlab.compat import TORCH_BN_HAS_BIAS
 from bnlab.nn.batchnorm import _BatchNorm
 from bnlab.nn.classes import batchnorm_class, batchnorm_dims
 from bnlab.nn.fused import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
@@ -148,6 +149,9 @@ def _torch_kwargs(module: nn.Module) -> dict:
 
 
 def _to_torch(module: nn.Module) -> nn.Module | None:
+    constructed = _exactly(module, "bnlab") or type(module) is SyncBatchNorm
+    if constructed and not (TORCH_BN_HAS_BIAS or _has_bias(module)):
+        return None  # this torch's BN has no ``bias=False``: no counterpart, left with a warning
     if _exactly(module, "bnlab"):
         cls = batchnorm_class(batchnorm_dims(module), "torch")
         return _move_state(module, cls(*_hyper(module), **_torch_kwargs(module)))
