@@ -1,4 +1,9 @@
-"""The fused C++ kernels against a float64 reference, over shapes, layouts, dtypes, threads."""
+"""The bnlab:: operators' CPU kernels against the float64 NumPy reference.
+
+Truth comes from ``bnlab.reference`` (NumPy, float64) on the same data, never from bnlab's
+kernels or its torch code: outputs, gradients (input, weight, bias, residual) and running
+statistics, over shapes, layouts, dtypes, the fused ReLU and residual add, and threads.
+"""
 
 import random
 
@@ -7,15 +12,15 @@ import pytest
 import torch
 
 from bnlab import kernels
-from bnlab.functional import batch_norm
+from bnlab.reference import batchnorm_backward_alt, batchnorm_forward
 
-# Max error against float64, relative to max(1, |truth|): output / gradients.
+# Max error against float64, relative to max(1, |truth|).
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+MOMENTUM, EPS = 0.3, 1e-3
 
 
 @pytest.fixture(autouse=True)
-def fused(monkeypatch):
-    monkeypatch.setattr(kernels, "_ENABLED", True)
+def _built():
     assert kernels.load() is not None, "the C++ extension must build on this machine"
 
 
@@ -25,7 +30,41 @@ def _layout(x, layout):
     return x
 
 
-def _cases(count=40, seed=7):
+def _rows(t: torch.Tensor) -> np.ndarray:
+    """(N, C, *) -> (N·L, C) float64: one feature column per channel."""
+    a = t.detach().double().numpy()
+    return np.moveaxis(a, 1, -1).reshape(-1, a.shape[1])
+
+
+def _unrows(rows: np.ndarray, like: torch.Tensor) -> np.ndarray:
+    shape = (like.shape[0], *like.shape[2:], like.shape[1])
+    return np.moveaxis(rows.reshape(shape), -1, 1)
+
+
+def reference(x, w, b, rm, rv, training, dy, residual=None, relu=False):
+    """Float64 truth from bnlab.reference: (out, dx, dw, db, dresidual, running_mean, running_var)."""
+    rows = _rows(x)
+    channels = rows.shape[1]
+    gamma = np.ones(channels) if w is None else w.double().numpy()
+    beta = np.zeros(channels) if b is None else b.double().numpy()
+    param = {"mode": "train" if training else "test", "eps": EPS, "momentum": 1 - MOMENTUM,
+             "running_mean": rm.double().numpy().copy(), "running_var": rv.double().numpy().copy()}  # fmt: skip
+    out, cache = batchnorm_forward(rows, gamma, beta, param)
+    if residual is not None:
+        out = out + _rows(residual)
+    if relu:
+        out = np.maximum(out, 0)
+    g = _rows(dy) * (out > 0) if relu else _rows(dy)
+    dx, dw, db = batchnorm_backward_alt(g, cache)
+    # torch's running variance takes the unbiased batch variance (the reference's the biased)
+    run_mean, run_var = rm.double().numpy(), rv.double().numpy()
+    if training:
+        run_mean = (1 - MOMENTUM) * run_mean + MOMENTUM * rows.mean(0)
+        run_var = (1 - MOMENTUM) * run_var + MOMENTUM * rows.var(0, ddof=1)
+    return (_unrows(out, x), _unrows(dx, x), dw, db, _unrows(g, x), run_mean, run_var)
+
+
+def _cases(count=48, seed=7):
     rng = random.Random(seed)
     shapes = [(3, 1), (5, 7), (2, 3, 1), (3, 5, 17), (1, 3, 2, 2), (7, 1, 9, 11), (3, 13, 7, 5),
               (2, 3, 2, 3, 5), (9, 33, 15, 17), (33, 64, 30), (4097, 3), (2, 4, 6, 7, 9), (1, 2, 257, 263)]  # fmt: skip
@@ -33,138 +72,168 @@ def _cases(count=40, seed=7):
     for _ in range(count):
         shape = rng.choice(shapes)
         layout = rng.choice(["contiguous", "channels_last"] if len(shape) >= 4 else ["contiguous"])
-        out.append(
-            (
-                shape,
-                layout,
-                rng.choice(list(TOLERANCE)),
-                rng.choice([True, False]),
-                rng.random() < 0.5,
-            )
-        )
+        out.append((shape, layout, rng.choice(list(TOLERANCE)), rng.choice([True, False]),
+                    rng.random() < 0.5, rng.random() < 0.3, rng.random() < 0.3))  # fmt: skip
     return out
 
 
-@pytest.mark.parametrize(("shape", "layout", "dtype", "training", "affine"), _cases())
-def test_kernel_matches_float64(shape, layout, dtype, training, affine):
+@pytest.mark.parametrize(("shape", "layout", "dtype", "training", "affine", "relu", "residual"), _cases())  # fmt: skip
+def test_operator_matches_reference(shape, layout, dtype, training, affine, relu, residual):
     g = torch.Generator().manual_seed(sum(shape))
     param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     x = _layout((torch.randn(shape, generator=g, dtype=torch.float64) * 3 + 2).to(dtype), layout)
-    assert kernels.supports(x)
     c = shape[1]
     w = (torch.rand(c, generator=g, dtype=param_dtype) + 0.5) if affine else None
     b = torch.randn(c, generator=g, dtype=param_dtype) if affine else None
-    rm, rv = torch.randn(c, generator=g, dtype=param_dtype), torch.rand(c, generator=g, dtype=param_dtype) + 0.5  # fmt: skip
+    rm = torch.randn(c, generator=g, dtype=param_dtype)
+    rv = torch.rand(c, generator=g, dtype=param_dtype) + 0.5
+    r = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype) if residual else None
     dy = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    if training and x.numel() // c == 1:
+        return  # one value per channel: refused in training (tested with the functional API)
+    truth = reference(x, w, b, rm, rv, training, dy, r, relu)
+
+    leaves = [t.detach().requires_grad_() if t is not None else None for t in (x, w, b, r)]
+    run_mean, run_var = rm.clone(), rv.clone()
+    out, _ = torch.ops.bnlab.batch_norm(leaves[0], leaves[1], leaves[2], leaves[3], run_mean, run_var,
+                                        training, MOMENTUM, EPS, int(relu), 1, False)  # fmt: skip
+    out.backward(dy)
+    got = [out, leaves[0].grad, *(t.grad for t in leaves[1:3] if t is not None)]
+    want = [truth[0], truth[1], *([truth[2], truth[3]] if affine else [])]
+    if residual:
+        got.append(leaves[3].grad)
+        want.append(truth[4])
     tol = TOLERANCE[dtype]
-
-    def run(inp, weight, bias, mean, var):
-        inp = inp.detach().requires_grad_()
-        params = [p.detach().requires_grad_() if p is not None else None for p in (weight, bias)]
-        out = batch_norm(inp, mean, var, params[0], params[1], training, 0.3, 1e-3)
-        out.backward(dy.to(out.dtype))
-        return out, inp.grad, *(p.grad for p in params if p is not None)
-
-    ours = run(x, w, b, rm_ours := rm.clone(), rv_ours := rv.clone())
-    d = lambda t: None if t is None else t.double()  # noqa: E731
-    truth = run(x.double(), d(w), d(b), rm_truth := rm.double(), rv_truth := rv.double())
-    if training:
-        assert kernels.usable(x)
-    for got, want in zip(ours, truth, strict=True):
-        scale = max(1.0, want.abs().max().item())
-        assert (got.double() - want).abs().max().item() / scale <= tol
-    assert torch.allclose(rm_ours.double(), rm_truth, rtol=0, atol=tol * 10)
-    assert torch.allclose(rv_ours.double(), rv_truth, rtol=tol * 10, atol=tol * 10)
-    assert ours[0].dtype == dtype and ours[1].stride() == x.stride()
+    for name, value, expected in zip(("out", "dx", "dw", "db", "dres"), got, want, strict=False):
+        expected = torch.as_tensor(np.ascontiguousarray(expected))
+        scale = max(1.0, expected.abs().max().item())
+        assert (value.double() - expected).abs().max().item() / scale <= tol, name
+    torch.testing.assert_close(run_mean.double(), torch.as_tensor(truth[5]), rtol=tol * 10, atol=tol * 10)  # fmt: skip
+    torch.testing.assert_close(run_var.double(), torch.as_tensor(truth[6]), rtol=tol * 10, atol=tol * 10)  # fmt: skip
+    assert (
+        out.dtype == dtype and out.stride() == x.stride() and leaves[0].grad.stride() == x.stride()
+    )
 
 
 def test_results_do_not_depend_on_thread_count():
     x = torch.randn(16, 8, 33, 31) + 100
     before = torch.get_num_threads()
+    outs = []
     try:
-        torch.set_num_threads(1)
-        one = batch_norm(x, None, None, training=True)
-        torch.set_num_threads(2)
-        two = batch_norm(x, None, None, training=True)
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            outs.append(torch.ops.bnlab.batch_norm(x, None, None, None, None, None, True, 0.1, 1e-5, 0, 1, False)[0])  # fmt: skip
     finally:
         torch.set_num_threads(before)
-    assert (one - two).abs().max().item() < 1e-5
+    assert torch.equal(outs[0], outs[1])
 
 
 @pytest.mark.parametrize("offset", [1e4, 1e6])
-def test_large_offset_precision_on_kernels(offset):
-    x = torch.randn(32, 4, 40, 40, generator=torch.Generator().manual_seed(0)) + offset
-    for layout in ("contiguous", "channels_last"):
-        xl = _layout(x, layout)
-        truth = torch.nn.functional.batch_norm(xl.double(), None, None, training=True)
-        assert (batch_norm(xl, None, None, training=True).double() - truth).abs().max() <= 1e-4
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_large_offset_precision(offset, layout):
+    x = _layout(torch.randn(32, 4, 40, 40, generator=torch.Generator().manual_seed(0)) + offset, layout)  # fmt: skip
+    out = torch.ops.bnlab.batch_norm(x, None, None, None, None, None, True, 0.1, EPS, 0, 1, False)[0]  # fmt: skip
+    rows = _rows(x)
+    truth = _unrows((rows - rows.mean(0)) / np.sqrt(rows.var(0) + EPS), x)
+    assert np.abs(out.double().numpy() - truth).max() <= 1e-4
 
 
-def test_unsupported_layouts_fall_back_correctly():
-    x = torch.randn(4, 3, 10, 10)[:, :, ::2]  # strided: not a kernel layout
-    assert not kernels.supports(x)
-    truth = torch.nn.functional.batch_norm(x.double(), None, None, training=True)
-    assert (batch_norm(x, None, None, training=True).double() - truth).abs().max() < 1e-5
-    assert not kernels.supports(torch.randn(4, 3, dtype=torch.float64).to(torch.int32))
+@pytest.mark.parametrize("nonfinite", [0, 1, 2])
+def test_nonfinite_policies_inside_the_operator(nonfinite):
+    x = torch.randn(8, 4, 3)
+    x[1, 2, 0] = float("inf")
+    rm, rv = torch.zeros(4), torch.ones(4)
+    out, _, _, _, bad = torch.ops.bnlab.batch_norm_forward(x, None, None, None, rm, rv, True, 0.5, EPS, 0, nonfinite, False)  # fmt: skip
+    assert bad.tolist() == [False, False, True, False]
+    assert torch.isnan(out[:, 2]).all() and torch.isfinite(out[:, [0, 1, 3]]).all()
+    rows = _rows(x)
+    updated = 0.5 * rows.mean(0)
+    if nonfinite == 0:  # propagate: every channel written, like torch
+        assert not torch.isfinite(rm[2]) and np.allclose(rm[[0, 1, 3]], updated[[0, 1, 3]])
+    elif nonfinite == 1:  # skip: the bad channel keeps its value
+        assert rm[2] == 0 and rv[2] == 1 and np.allclose(rm[[0, 1, 3]], updated[[0, 1, 3]])
+    else:  # raise: nothing written at all
+        assert (rm == 0).all() and (rv == 1).all()
 
 
-def test_gradient_with_a_foreign_layout_is_converted():
-    x = torch.randn(4, 3, 6, 6).to(memory_format=torch.channels_last).requires_grad_()
-    x64 = x.detach().double().requires_grad_()
-    dy = torch.randn(4, 3, 6, 6)  # contiguous, unlike x
-    batch_norm(x, None, None, training=True).backward(dy)
-    torch.nn.functional.batch_norm(x64, None, None, training=True).backward(dy.double())
-    assert (x.grad.double() - x64.grad).abs().max() < 1e-5
+def test_operator_reports_when_asked():
+    x = torch.randn(8, 3)
+    x[0, 1] = float("nan")
+    with pytest.warns(RuntimeWarning, match=r"channel\(s\) \[1\]"):
+        torch.ops.bnlab.batch_norm_forward(x, None, None, None, torch.zeros(3), torch.ones(3), True, 0.1, EPS, 0, 1, True)  # fmt: skip
+    with pytest.raises(FloatingPointError, match=r"\[1\].*nonfinite='raise'"):
+        torch.ops.bnlab.batch_norm_forward(x, None, None, None, torch.zeros(3), torch.ones(3), True, 0.1, EPS, 0, 2, True)  # fmt: skip
 
 
-def test_failed_build_falls_back_to_level_two(monkeypatch):
+def test_unusual_strides_are_handled():
+    base = torch.randn(4, 3, 10, 10)
+    for x in (base[:, :, ::2], base.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)):
+        out = torch.ops.bnlab.batch_norm(x, None, None, None, None, None, True, 0.1, EPS, 0, 1, False)[0]  # fmt: skip
+        rows = _rows(x)
+        truth = _unrows((rows - rows.mean(0)) / np.sqrt(rows.var(0) + EPS), x)
+        assert np.abs(out.double().numpy() - truth).max() < 1e-5
+        assert out.stride() == torch.empty_like(x).stride()  # as the fake implementation says
+
+
+def test_fake_implementation_matches_real_outputs():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x = torch.randn(4, 6, 5, 5).to(memory_format=torch.channels_last)
+    args = (None, None, None, torch.zeros(6), torch.ones(6), True, 0.1, EPS, 1, 1, False)
+    real = torch.ops.bnlab.batch_norm_forward(x, *args)
+    with FakeTensorMode() as mode:
+        fake = torch.ops.bnlab.batch_norm_forward(mode.from_tensor(x), *(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))  # fmt: skip
+    for r, f in zip(real, fake, strict=True):
+        assert (r.shape, r.dtype, r.stride()) == (f.shape, f.dtype, f.stride())
+
+
+def test_pooled_outputs_are_ordinary_tensors():
+    x = torch.randn(64, 16, 32, 32)  # 4 MB: from the pool
+    out = torch.ops.bnlab.batch_norm(x, None, None, None, None, None, True, 0.1, EPS, 0, 1, False)[0]  # fmt: skip
+    out.resize_(2, 3)  # torch outputs accept resize_; so must these
+    assert out.shape == (2, 3)
+    out.resize_(128, 16, 32, 32)  # growing goes through the same allocator
+    out.fill_(1.0)
+    assert out.sum().item() == out.numel()
+
+
+def test_pool_reuses_memory_across_training_steps_and_caps_idle_bytes():
+    x = torch.randn(64, 16, 32, 32, requires_grad=True)
+    for _ in range(2):  # warm-up: the pool fills
+        torch.ops.bnlab.batch_norm(x, None, None, None, None, None, True, 0.1, EPS, 0, 1, False)[0].sum().backward()  # fmt: skip
+    before = kernels.pool_stats()
+    for _ in range(3):
+        torch.ops.bnlab.batch_norm(x, None, None, None, None, None, True, 0.1, EPS, 0, 1, False)[0].sum().backward()  # fmt: skip
+    after = kernels.pool_stats()
+    assert after["misses"] == before["misses"], "steady-state steps allocate nothing new"
+    assert after["hits"] >= before["hits"] + 3
+    assert after["idle_bytes"] <= after["max_idle_bytes"]
+    kernels.release_pool()
+    assert kernels.pool_stats()["idle_bytes"] == 0
+
+
+def test_failed_build_falls_back_to_the_composite_implementation(monkeypatch):
+    from bnlab.functional import batch_norm
+
     monkeypatch.setitem(kernels._state, "module", None)
     monkeypatch.setitem(kernels._state, "error", RuntimeError("no compiler"))
     x = torch.randn(8, 3, requires_grad=True)
     out = batch_norm(x, None, None, training=True)
-    assert type(out.grad_fn).__name__ == "_BatchNormFunctionBackward"
+    assert type(out.grad_fn).__name__ == "BatchNormFunctionBackward"
 
 
-def test_build_is_cached_and_timed():
-    assert kernels.compile_seconds() is None or kernels.compile_seconds() > 0
-    assert kernels.build_key() == kernels.build_key()
-    assert (kernels.cache_dir() / "build.json").exists() or kernels.compile_seconds() is None
+def test_build_cache_key_follows_the_sources(tmp_path, monkeypatch):
+    from bnlab.kernels import build
 
-
-def test_buffer_pool_reuses_idle_buffers_and_respects_its_budget():
-    pool = kernels.BufferPool(max_idle_bytes=3 << 20)
-    first = pool.take(2 << 20)
-    address = first.ctypes.data
-    del first
-    assert pool.idle_bytes == 2 << 20
-    second = pool.take(2 << 20)
-    assert second.ctypes.data == address, "an idle buffer of the same size is reused"
-    third = pool.take(2 << 20)
-    assert third.ctypes.data != address, "a buffer in use is never handed out twice"
-    del second, third
-    assert pool.idle_bytes <= 3 << 20, "idle buffers beyond the budget are dropped"
-    disabled = kernels.BufferPool(max_idle_bytes=0)
-    buffer = disabled.take(1 << 20)
-    del buffer
-    assert disabled.idle_bytes == 0
-
-
-def test_pooled_outputs_are_independent_tensors():
-    x = torch.randn(64, 16, 32, 32)  # 4 MB: pooled
-    a = batch_norm(x, None, None, training=True)
-    b = batch_norm(x * 2, None, None, training=True)
-    assert a.data_ptr() != b.data_ptr()
-    np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-4)  # BN is scale-invariant
-
-
-def test_pooled_gradient_is_kept_by_autograd_not_copied():
-    x = torch.randn(64, 16, 32, 32, requires_grad=True)  # 4 MB: pooled
-    out = batch_norm(x, None, None, training=True)
-    assert not out._is_view()
-    out.backward(torch.ones_like(out))
-    pointer = x.grad.data_ptr()
-    x.grad = None
-    del out
-    assert any(b.ctypes.data == pointer for b in kernels.POOL._idle), (
-        "the grad was the pool's buffer"
-    )
+    key = build.build_key()
+    assert len(key) == 16
+    copy = tmp_path / "cpu"
+    copy.mkdir()
+    for name in (*build.SOURCES, *build.HEADERS):
+        (copy / name).write_bytes((build.SOURCE_DIR / name).read_bytes())
+    monkeypatch.setattr(build, "SOURCE_DIR", copy)
+    assert build.build_key() == key
+    (copy / "passes.h").write_text((copy / "passes.h").read_text() + "\n// changed\n")
+    assert build.build_key() != key, "a changed header must trigger a rebuild"
+    monkeypatch.setenv("BNLAB_CACHE_DIR", str(tmp_path / "cache"))
+    assert str(build.cache_dir()).startswith(str(tmp_path / "cache"))

@@ -97,7 +97,13 @@ def bench_case(
     if layout == "channels_last":
         x = x.to(memory_format=torch.channels_last if len(dims) == 4 else torch.channels_last_3d)
     dy = torch.randn(dims, generator=generator, dtype=dtype)
-    dy = kernels.same_layout(dy, x)
+    dy = dy.contiguous(
+        memory_format=torch.channels_last
+        if layout == "channels_last" and len(dims) == 4
+        else torch.channels_last_3d
+        if layout == "channels_last"
+        else torch.contiguous_format
+    )
 
     def own_input():  # each candidate frees only its own gradients inside its timed region
         return x.detach().clone().requires_grad_(mode == "train-fwd+bwd")

@@ -103,6 +103,14 @@ class _NormBase(nn.Module):
             + ("" if self.nonfinite == "skip" else f", nonfinite={self.nonfinite!r}")
         )
 
+    def __prepare_scriptable__(self):
+        raise RuntimeError(
+            f"{type(self).__name__}: torch.jit.script is not supported (bnlab's forward validates "
+            "and dispatches in Python). Use torch.jit.trace or torch.export.export (both record "
+            "bnlab's operator), torch.compile, or bnlab.nn.revert(model) to script the model "
+            "with torch's BatchNorm."
+        )
+
     def _check_input(self, input: Tensor) -> None:
         if not isinstance(input, Tensor):
             raise TypeError(f"input: expected a Tensor, got {type(input).__name__}")
@@ -112,7 +120,7 @@ class _NormBase(nn.Module):
                 f"input: expected {expected} input (got {input.dim()}D input "
                 f"of shape {tuple(input.shape)})"
             )
-        if input.shape[1] != self.num_features:
+        if not torch.jit.is_tracing() and input.shape[1] != self.num_features:  # trace: op checks
             raise ValueError(
                 f"input: expected {self.num_features} channels (num_features) at dim 1, "
                 f"got {input.shape[1]} (input shape {tuple(input.shape)})"

@@ -1,0 +1,113 @@
+// Backward kernel: one pass for the per-channel sums, one for the input gradient.
+//   g = dy, or dy * (y > 0) past a fused ReLU (y = the forward output)
+//   sum_g = Σ g,  sum_g_xhat = Σ g·x̂ = invstd · (Σ g·(x − shift) − mean_d · Σ g)
+//   training: dx = w·invstd · (g − sum_g/n − x̂ · sum_g_xhat/n)
+//   eval:     dx = w·invstd · g
+// Written as dx = A·g + B·(x − shift) + K per channel, so the second pass is one affine map.
+#include "kernels.h"
+#include "passes.h"
+#include "pool.h"
+
+namespace bnlab {
+namespace {
+
+// The dx pass, with or without the x term (training/eval), the ReLU mask and writing g.
+template <typename scalar_t>
+void input_gradient(const Geometry& g, const AffineArgs<scalar_t>& p, bool training, bool mask,
+                    bool write_g) {
+  if (training) {
+    if (!mask) channel_affine<scalar_t, true, true, false, false, false, false>(g, p);
+    else if (!write_g) channel_affine<scalar_t, true, true, true, false, false, false>(g, p);
+    else channel_affine<scalar_t, true, true, true, false, false, true>(g, p);
+  } else {
+    if (!mask) channel_affine<scalar_t, true, false, false, false, false, false>(g, p);
+    else if (!write_g) channel_affine<scalar_t, true, false, true, false, false, false>(g, p);
+    else channel_affine<scalar_t, true, false, true, false, false, true>(g, p);
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& output, const at::Tensor& shift_t, const at::Tensor& mean_d_t,
+    const at::Tensor& invstd_t, bool training, int64_t activation,
+    std::array<bool, 4> output_mask) {
+  const bool relu = activation == kRelu;
+  TORCH_CHECK(!relu || (output.has_value() && output->defined()),
+              "output: the forward output is needed for the ReLU's backward");
+  const int64_t C = input.size(1);
+  const auto acc = acc_dtype(input);
+  const auto none = at::empty({0}, input.options().dtype(acc));
+  const bool need_input = output_mask[0], need_weight = output_mask[1],
+             need_bias = output_mask[2], need_residual = output_mask[3];
+  if (input.numel() == 0) {
+    auto zeros = at::zeros({C}, input.options().dtype(acc));
+    return {need_input ? at::empty_like(input) : none, need_weight ? zeros : none,
+            need_bias ? zeros.clone() : none, need_residual ? at::empty_like(input) : none};
+  }
+  const at::Tensor x = to_kernel_layout(input);
+  const at::Tensor dy = same_layout(grad_out.scalar_type() == x.scalar_type() ? grad_out : grad_out.to(x.scalar_type()), x);
+  const at::Tensor y = relu ? same_layout(*output, x) : at::Tensor();
+  const Geometry g = geometry(x);
+  const double n = static_cast<double>(x.numel() / C);
+  auto w = to_double(weight, C, 1.0);
+  auto shift = to_double(shift_t, C, 0.0);
+  auto mean_d = to_double(mean_d_t, C, 0.0);
+  auto invstd = to_double(invstd_t, C, 1.0);
+  std::vector<double> sum_g(C, 0.0), sum_g_xhat(C, 0.0);
+  at::Tensor grad_input = need_input ? empty_output(x) : at::Tensor();
+  // g itself is needed for the residual; written by the dx pass when there is one.
+  at::Tensor grad_residual;
+  const bool write_g = need_residual && relu && need_input;
+  if (write_g) grad_residual = empty_output(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnlab_backward", [&] {
+    using acc_t = typename AccType<scalar_t>::type;
+    std::vector<acc_t> S(C);
+    for (int64_t c = 0; c < C; ++c) S[c] = static_cast<acc_t>(shift[c]);
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* dyp = dy.data_ptr<scalar_t>();
+    const scalar_t* yp = relu ? y.data_ptr<scalar_t>() : nullptr;
+    if (need_weight || need_bias || (training && need_input)) {
+      std::vector<double> s1(C), s2(C);
+      if (relu) channel_sums<scalar_t, true, true>(g, xp, dyp, yp, S.data(), s1.data(), s2.data());
+      else channel_sums<scalar_t, true, false>(g, xp, dyp, nullptr, S.data(), s1.data(), s2.data());
+      for (int64_t c = 0; c < C; ++c) {
+        sum_g[c] = s1[c];
+        sum_g_xhat[c] = invstd[c] * (s2[c] - mean_d[c] * s1[c]);
+      }
+    }
+    if (!need_input) return;
+    std::vector<acc_t> A(C), B(C), K(C);
+    for (int64_t c = 0; c < C; ++c) {
+      const double gain = w[c] * invstd[c];
+      const double slope = training ? gain * invstd[c] * sum_g_xhat[c] / n : 0.0;
+      A[c] = static_cast<acc_t>(gain);
+      B[c] = static_cast<acc_t>(-slope);
+      K[c] = static_cast<acc_t>(training ? slope * mean_d[c] - gain * sum_g[c] / n : 0.0);
+    }
+    AffineArgs<scalar_t> p;
+    p.u = xp;
+    p.v = dyp;
+    p.m = yp;
+    p.shift = S.data();
+    p.A = A.data();
+    p.B = B.data();
+    p.K = K.data();
+    p.out = grad_input.data_ptr<scalar_t>();
+    p.g = write_g ? grad_residual.data_ptr<scalar_t>() : nullptr;
+    input_gradient(g, p, training, relu, write_g);
+  });
+  if (need_residual && !write_g) {
+    grad_residual = relu ? dy * y.gt(0) : dy.clone();
+  }
+  auto fit = [&](at::Tensor t) {  // the caller's layout for tensors made in the kernel's
+    return t.defined() && t.strides() != input.strides() ? at::empty_like(input).copy_(t) : t;
+  };
+  return {need_input ? fit(grad_input) : none,
+          need_weight ? vector_tensor(sum_g_xhat, acc) : none,
+          need_bias ? vector_tensor(sum_g, acc) : none,
+          need_residual ? fit(grad_residual) : none};
+}
+
+}  // namespace bnlab

@@ -1,0 +1,208 @@
+// Forward kernels: training (statistics, running averages, normalization) and evaluation.
+#include "kernels.h"
+#include "passes.h"
+#include "pool.h"
+
+#include <cmath>
+#include <sstream>
+
+namespace bnlab {
+
+bool kernel_layout(const at::Tensor& x) {
+  if (x.is_contiguous()) return true;
+  if (x.dim() == 4) return x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  if (x.dim() == 5) return x.is_contiguous(at::MemoryFormat::ChannelsLast3d);
+  return false;
+}
+
+at::Tensor to_kernel_layout(const at::Tensor& x) { return kernel_layout(x) ? x : x.contiguous(); }
+
+at::Tensor same_layout(const at::Tensor& t, const at::Tensor& like) {
+  if (t.strides() == like.strides()) return t;
+  if (like.is_contiguous()) return t.contiguous();
+  return t.contiguous(like.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d);
+}
+
+at::ScalarType acc_dtype(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+std::vector<double> to_double(const c10::optional<at::Tensor>& t, int64_t C, double fill) {
+  std::vector<double> out(C, fill);
+  if (t.has_value() && t->defined()) {
+    const at::Tensor v = t->cpu();
+    const int64_t stride = v.stride(0);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "to_double", [&] {
+      const scalar_t* p = v.data_ptr<scalar_t>();
+      for (int64_t c = 0; c < C; ++c) out[c] = static_cast<double>(p[c * stride]);
+    });
+  }
+  return out;
+}
+
+at::Tensor vector_tensor(const std::vector<double>& values, at::ScalarType dtype) {
+  auto t = at::empty({static_cast<int64_t>(values.size())}, at::TensorOptions().dtype(dtype));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "vector_tensor", [&] {
+    scalar_t* p = t.data_ptr<scalar_t>();
+    for (size_t i = 0; i < values.size(); ++i) p[i] = static_cast<scalar_t>(values[i]);
+  });
+  return t;
+}
+
+namespace {
+
+// out = B * (x - shift) + K [+ residual], then ReLU: the normalization pass.
+template <typename scalar_t>
+void normalize(const Geometry& g, AffineArgs<scalar_t>& p, bool residual, bool relu) {
+  if (residual) {
+    if (relu) channel_affine<scalar_t, false, true, false, true, true, false>(g, p);
+    else channel_affine<scalar_t, false, true, false, true, false, false>(g, p);
+  } else {
+    if (relu) channel_affine<scalar_t, false, true, false, false, true, false>(g, p);
+    else channel_affine<scalar_t, false, true, false, false, false, false>(g, p);
+  }
+}
+
+// running = (1 - momentum) * running + momentum * batch, in place, where `update` says.
+void update_running(at::Tensor& running, const std::vector<double>& batch, double momentum,
+                    const std::vector<bool>& update) {
+  const int64_t stride = running.stride(0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, running.scalar_type(), "update_running", [&] {
+    scalar_t* p = running.data_ptr<scalar_t>();
+    for (size_t c = 0; c < batch.size(); ++c) {
+      if (!update[c]) continue;
+      const double old = static_cast<double>(p[c * stride]);
+      p[c * stride] = static_cast<scalar_t>(old * (1.0 - momentum) + batch[c] * momentum);
+    }
+  });
+}
+
+std::string channel_list(const std::vector<bool>& bad) {
+  std::ostringstream s;
+  s << "[";
+  int64_t shown = 0;
+  for (size_t c = 0; c < bad.size(); ++c) {
+    if (!bad[c]) continue;
+    if (shown == 10) {
+      s << ", ...";
+      break;
+    }
+    s << (shown++ ? ", " : "") << c;
+  }
+  s << "]";
+  return s.str();
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(
+    const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& residual,
+    const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
+    bool training, double momentum, double eps, int64_t activation, int64_t nonfinite,
+    bool report) {
+  TORCH_CHECK(input.dim() >= 2, "input: expected a tensor (N, C, *), got ", input.dim(), "-d");
+  TORCH_CHECK(training || (running_mean.has_value() && running_var.has_value()),
+              "running_mean, running_var: expected tensors in evaluation mode");
+  const bool has_residual = residual.has_value() && residual->defined();
+  TORCH_CHECK(!has_residual || (residual->sizes() == input.sizes() &&
+                                residual->scalar_type() == input.scalar_type()),
+              "residual: expected the input's shape and dtype");
+  const int64_t C = input.size(1);
+  for (const auto& [name, t] : {std::pair{"weight", &weight}, std::pair{"bias", &bias},
+                                std::pair{"running_mean", &running_mean},
+                                std::pair{"running_var", &running_var}}) {
+    TORCH_CHECK_VALUE(!t->has_value() || !(*t)->defined() || (*t)->numel() == C, name,
+                      ": expected ", C, " values (one per channel of input ", input.sizes(),
+                      "), got ", (*t)->sizes());
+  }
+  const auto acc = acc_dtype(input);
+  const auto acc_options = input.options().dtype(acc);
+  std::vector<bool> bad(C, false);
+  if (input.numel() == 0) {  // an empty batch: nothing to normalize, statistics untouched
+    return {at::empty_like(input), at::zeros({C}, acc_options), at::zeros({C}, acc_options),
+            at::ones({C}, acc_options), at::zeros({C}, input.options().dtype(at::kBool))};
+  }
+  const at::Tensor x = to_kernel_layout(input);
+  const at::Tensor res = has_residual ? same_layout(*residual, x) : at::Tensor();
+  at::Tensor out = empty_output(x);
+  const Geometry g = geometry(x);
+  const double n = static_cast<double>(x.numel() / C);
+  auto w = to_double(weight, C, 1.0), b = to_double(bias, C, 0.0);
+  std::vector<double> shift(C), mean_d(C, 0.0), var(C), invstd(C);
+  if (training) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnlab_forward_train", [&] {
+      using acc_t = typename AccType<scalar_t>::type;
+      const scalar_t* xp = x.data_ptr<scalar_t>();
+      std::vector<acc_t> sh(C);  // one sample per channel, x[0, c, 0, ...]
+      for (int64_t c = 0; c < C; ++c) sh[c] = static_cast<acc_t>(g.rows ? xp[c] : xp[c * g.L]);
+      std::vector<double> s1(C), s2(C);
+      channel_sums<scalar_t, false, false>(g, xp, nullptr, nullptr, sh.data(), s1.data(), s2.data());
+      for (int64_t c = 0; c < C; ++c) {
+        shift[c] = static_cast<double>(sh[c]);
+        mean_d[c] = s1[c] / n;
+        var[c] = s2[c] / n - mean_d[c] * mean_d[c];
+        if (var[c] < 0.0) var[c] = 0.0;  // rounding; NaN stays NaN (std::max would hide it)
+        bad[c] = !(std::isfinite(mean_d[c]) && std::isfinite(s2[c]));
+      }
+    });
+  } else {
+    shift = to_double(running_mean, C, 0.0);
+    var = to_double(running_var, C, 1.0);
+  }
+  for (int64_t c = 0; c < C; ++c) invstd[c] = 1.0 / std::sqrt(var[c] + eps);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnlab_normalize", [&] {
+    using acc_t = typename AccType<scalar_t>::type;
+    std::vector<acc_t> S(C), B(C), K(C);
+    for (int64_t c = 0; c < C; ++c) {
+      S[c] = static_cast<acc_t>(shift[c]);
+      B[c] = static_cast<acc_t>(w[c] * invstd[c]);
+      K[c] = static_cast<acc_t>(b[c] - mean_d[c] * w[c] * invstd[c]);
+    }
+    AffineArgs<scalar_t> p;
+    p.u = x.data_ptr<scalar_t>();
+    p.r = has_residual ? res.data_ptr<scalar_t>() : nullptr;
+    p.shift = S.data();
+    p.B = B.data();
+    p.K = K.data();
+    p.out = out.data_ptr<scalar_t>();
+    normalize(g, p, has_residual, activation == kRelu);
+  });
+  if (training) {
+    int64_t bad_count = 0;
+    for (int64_t c = 0; c < C; ++c) bad_count += bad[c] ? 1 : 0;
+    std::vector<bool> update(C);
+    for (int64_t c = 0; c < C; ++c) {
+      update[c] = nonfinite == kPropagate || (nonfinite == kSkip ? !bad[c] : bad_count == 0);
+    }
+    if (running_mean.has_value() && running_mean->defined()) {
+      std::vector<double> mean(C);
+      for (int64_t c = 0; c < C; ++c) mean[c] = shift[c] + mean_d[c];
+      at::Tensor running = *running_mean;
+      update_running(running, mean, momentum, update);
+    }
+    if (running_var.has_value() && running_var->defined()) {
+      std::vector<double> unbiased(C);
+      for (int64_t c = 0; c < C; ++c) unbiased[c] = var[c] * n / std::max(1.0, n - 1.0);
+      at::Tensor running = *running_var;
+      update_running(running, unbiased, momentum, update);
+    }
+    if (report && bad_count && nonfinite != kPropagate) {
+      const std::string channels = channel_list(bad);
+      if (nonfinite == kRaise) {
+        python_floating_point_error("batch_norm: non-finite batch statistics in channel(s) " +
+                                    channels + "; running statistics left unchanged (nonfinite='raise')");
+      }
+      python_warning("batch_norm: non-finite batch statistics in channel(s) " + channels +
+                     "; their running statistics were not updated");
+    }
+  }
+  at::Tensor bad_t = at::empty({C}, input.options().dtype(at::kBool));
+  for (int64_t c = 0; c < C; ++c) bad_t.data_ptr<bool>()[c] = bad[c];
+  if (!out.is_same(input) && out.strides() != input.strides()) {  // an unusual dense layout
+    out = at::empty_like(input).copy_(out);
+  }
+  return {out, vector_tensor(shift, acc), vector_tensor(mean_d, acc), vector_tensor(invstd, acc), bad_t};
+}
+
+}  // namespace bnlab

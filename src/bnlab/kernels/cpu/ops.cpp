@@ -1,0 +1,204 @@
+// The bnlab:: torch operators: schemas, CPU kernels and the autograd node.
+//
+//   batch_norm_forward  one forward (training or eval), running statistics updated in place
+//   batch_norm_backward its backward (input, weight, bias and residual gradients)
+//   batch_norm          the two above joined by a C++ autograd node: what users call
+//   batch_norm_backward_graph
+//                       the backward in differentiable torch ops (implemented in Python,
+//                       bnlab/kernels/composite.py), used when the graph of the backward is
+//                       needed (create_graph=True: double backward)
+//
+// Registered with TORCH_LIBRARY, with fake implementations in Python (bnlab/kernels/fake.py),
+// the operators are seen as single nodes by torch.compile, torch.export and jit.trace, and
+// their outputs are ordinary tensors. The autograd node calls the other operators through
+// the dispatcher, so the same node serves every device that has kernels registered (CPU
+// here; CUDA from Python, bnlab/kernels/cuda) and is traced by AOTAutograd.
+#include <torch/extension.h>
+
+#include "kernels.h"
+#include "pool.h"
+
+namespace bnlab {
+
+void python_warning(const std::string& message) {
+  pybind11::gil_scoped_acquire gil;
+  if (PyErr_WarnEx(PyExc_RuntimeWarning, message.c_str(), 1) != 0) {
+    throw pybind11::error_already_set();  // warnings filtered into errors
+  }
+}
+
+void python_floating_point_error(const std::string& message) {
+  pybind11::gil_scoped_acquire gil;
+  PyErr_SetString(PyExc_FloatingPointError, message.c_str());
+  throw pybind11::error_already_set();
+}
+
+}  // namespace bnlab
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// Absent tensors cross the autograd node as empty tensors: neither empty optionals (which
+// would shift the input indices of needs_input_grad) nor undefined tensors (which the
+// node's input bookkeeping rejects). A present argument is never empty (C >= 1).
+c10::optional<at::Tensor> opt(const at::Tensor& t) {
+  return t.defined() && t.numel() > 0 ? c10::optional<at::Tensor>(t) : c10::nullopt;
+}
+
+bool present(const at::Tensor& t) { return t.defined() && t.numel() > 0; }
+
+c10::OperatorHandle op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "");
+}
+
+struct BatchNormNode : public torch::autograd::Function<BatchNormNode> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& input,
+                               const at::Tensor& weight, const at::Tensor& bias,
+                               const at::Tensor& residual, const at::Tensor& running_mean,
+                               const at::Tensor& running_var, bool training, double momentum,
+                               double eps, int64_t activation, int64_t nonfinite, bool report) {
+    static auto forward_op =
+        op("bnlab::batch_norm_forward")
+            .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+                const at::Tensor&, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
+                const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
+                const c10::optional<at::Tensor>&, bool, double, double, int64_t, int64_t, bool)>();
+    at::Tensor out, shift, mean_d, invstd, bad;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      std::tie(out, shift, mean_d, invstd, bad) =
+          forward_op.call(input, opt(weight), opt(bias), opt(residual), opt(running_mean),
+                          opt(running_var), training, momentum, eps, activation, nonfinite, report);
+    }
+    for (const at::Tensor* running : {&running_mean, &running_var}) {  // as an in-place op would
+      if (training && present(*running)) running->unsafeGetTensorImpl()->bump_version();
+    }
+    const bool relu = activation == bnlab::kRelu;
+    ctx->save_for_backward({input, weight, relu ? out : shift.new_empty({0}), shift, mean_d, invstd});
+    ctx->saved_data["training"] = training;
+    ctx->saved_data["activation"] = activation;
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["has_bias"] = present(bias);
+    ctx->saved_data["has_residual"] = present(residual);
+    ctx->mark_non_differentiable({bad});
+    return {out, bad};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const at::Tensor &input = saved[0], &weight = saved[1], &output = saved[2];
+    const at::Tensor &shift = saved[3], &mean_d = saved[4], &invstd = saved[5];
+    const bool training = ctx->saved_data["training"].toBool();
+    const int64_t activation = ctx->saved_data["activation"].toInt();
+    const at::Tensor& grad_out = grads[0];
+    const std::array<bool, 4> mask = {
+        ctx->needs_input_grad(0), present(weight) && ctx->needs_input_grad(1),
+        ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2),
+        ctx->saved_data["has_residual"].toBool() && ctx->needs_input_grad(3)};
+    at::Tensor grad_input, grad_weight, grad_bias, grad_residual;
+    if (at::GradMode::is_enabled()) {  // create_graph: a backward that is itself differentiable
+      static auto graph_op =
+          op("bnlab::batch_norm_backward_graph")
+              .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+                  const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
+                  const c10::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
+                  const at::Tensor&, bool, double, int64_t, std::array<bool, 4>)>();
+      std::tie(grad_input, grad_weight, grad_bias, grad_residual) = graph_op.call(
+          grad_out, input, opt(weight), opt(output), shift, mean_d, invstd, training,
+          ctx->saved_data["eps"].toDouble(), activation, mask);
+    } else {
+      static auto backward_op =
+          op("bnlab::batch_norm_backward")
+              .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+                  const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
+                  const c10::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
+                  const at::Tensor&, bool, int64_t, std::array<bool, 4>)>();
+      // Without a ReLU the residual's gradient is grad_out itself: no copy.
+      const bool residual_from_op = mask[3] && activation == bnlab::kRelu;
+      std::tie(grad_input, grad_weight, grad_bias, grad_residual) = backward_op.call(
+          grad_out, input, opt(weight), opt(output), shift, mean_d, invstd, training, activation,
+          {mask[0], mask[1], mask[2], residual_from_op});
+      if (mask[3] && !residual_from_op) grad_residual = grad_out;
+    }
+    auto keep = [](bool wanted, const at::Tensor& t) { return wanted ? t : at::Tensor(); };
+    return {keep(mask[0], grad_input), keep(mask[1], grad_weight), keep(mask[2], grad_bias),
+            keep(mask[3], grad_residual), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> batch_norm_autograd(
+    const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& residual,
+    const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
+    bool training, double momentum, double eps, int64_t activation, int64_t nonfinite,
+    bool report) {
+  const at::Tensor none = at::empty({0}, input.options());
+  auto result = BatchNormNode::apply(input, weight.value_or(none), bias.value_or(none),
+                                     residual.value_or(none), running_mean.value_or(none),
+                                     running_var.value_or(none), training, momentum, eps,
+                                     activation, nonfinite, report);
+  return {result[0], result[1]};
+}
+
+// Below autograd (inference mode, tensors without autograd): the forward alone.
+std::tuple<at::Tensor, at::Tensor> batch_norm_plain(
+    const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& residual,
+    const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
+    bool training, double momentum, double eps, int64_t activation, int64_t nonfinite,
+    bool report) {
+  static auto forward_op =
+      op("bnlab::batch_norm_forward")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+              const at::Tensor&, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
+              const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
+              const c10::optional<at::Tensor>&, bool, double, double, int64_t, int64_t, bool)>();
+  auto result = forward_op.call(input, weight, bias, residual, running_mean, running_var,
+                                training, momentum, eps, activation, nonfinite, report);
+  return {std::get<0>(result), std::get<4>(result)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(bnlab, m) {
+  m.def(
+      "batch_norm_forward(Tensor input, Tensor? weight, Tensor? bias, Tensor? residual, "
+      "Tensor(a!)? running_mean, Tensor(b!)? running_var, bool training, float momentum, "
+      "float eps, int activation, int nonfinite, bool report) "
+      "-> (Tensor out, Tensor shift, Tensor mean_d, Tensor invstd, Tensor bad)");
+  m.def(
+      "batch_norm_backward(Tensor grad_out, Tensor input, Tensor? weight, Tensor? output, "
+      "Tensor shift, Tensor mean_d, Tensor invstd, bool training, int activation, "
+      "bool[4] output_mask) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias, "
+      "Tensor grad_residual)");
+  m.def(
+      "batch_norm(Tensor input, Tensor? weight, Tensor? bias, Tensor? residual, "
+      "Tensor(a!)? running_mean, Tensor(b!)? running_var, bool training, float momentum, "
+      "float eps, int activation, int nonfinite, bool report) -> (Tensor out, Tensor bad)");
+  m.def(
+      "batch_norm_backward_graph(Tensor grad_out, Tensor input, Tensor? weight, Tensor? output, "
+      "Tensor shift, Tensor mean_d, Tensor invstd, bool training, float eps, int activation, "
+      "bool[4] output_mask) "
+      "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias, Tensor grad_residual)");
+}
+
+TORCH_LIBRARY_IMPL(bnlab, CPU, m) {
+  m.impl("batch_norm_forward", &bnlab::forward_cpu);
+  m.impl("batch_norm_backward", &bnlab::backward_cpu);
+}
+
+TORCH_LIBRARY_IMPL(bnlab, Autograd, m) { m.impl("batch_norm", &batch_norm_autograd); }
+
+TORCH_LIBRARY_IMPL(bnlab, CompositeExplicitAutograd, m) { m.impl("batch_norm", &batch_norm_plain); }
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("pool_stats", [] {
+    auto s = bnlab::pool_stats();
+    return std::make_tuple(s.idle_bytes, s.idle_blocks, s.max_idle_bytes, s.hits, s.misses);
+  }, "(idle_bytes, idle_blocks, max_idle_bytes, hits, misses) of the output pool");
+  m.def("pool_release", &bnlab::pool_release, "free every idle block of the output pool");
+  m.def("pool_set_max_idle_bytes", &bnlab::pool_set_max_idle_bytes, "cap the pool's idle bytes");
+}

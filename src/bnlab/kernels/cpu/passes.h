@@ -1,0 +1,255 @@
+// The two memory passes every batch-norm kernel is made of: per-channel sums and a
+// per-channel affine map. Everything else (statistics, running averages, gradients) is
+// arithmetic on C numbers between passes.
+//
+// A tensor of shape (N, C, *) is seen in one of two layouts:
+//   planar: N*C contiguous planes of L elements (contiguous NC..., L > 1);
+//   rows:   M = N*L contiguous rows of C channels (channels_last, and (N, C) input).
+// Sums use data shifted by one sample per channel, d = u - shift: with a large common
+// offset the subtraction is exact, so sums of d and d^2 never cancel catastrophically.
+// Each pass splits its work into one chunk per thread; partial sums are accumulated in the
+// compute type over short blocks, then in double, and merged in a fixed order, so results
+// do not depend on the thread count's scheduling.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <torch/types.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace bnlab {
+
+template <typename T> struct AccType { using type = float; };
+template <> struct AccType<double> { using type = double; };
+
+constexpr int64_t kBlock = 2048;   // elements summed in the compute type before a double flush
+constexpr int64_t kRowBlock = 64;  // rows summed in the compute type before a double flush
+constexpr int64_t kLanes = 32;     // partial sums per plane pass
+constexpr int64_t kMinParallelElements = 65536;  // below this, threads cost more than they save
+
+struct Geometry {
+  int64_t N, C, L;
+  bool rows;
+  int64_t rows_count() const { return N * L; }
+};
+
+// `x` must be contiguous, or channels_last(_3d) dense (the caller guarantees it).
+inline Geometry geometry(const at::Tensor& x) {
+  Geometry g{x.size(0), x.size(1), 1, true};
+  for (int64_t d = 2; d < x.dim(); ++d) g.L *= x.size(d);
+  g.rows = !(x.is_contiguous() && g.L > 1);
+  return g;
+}
+
+// One chunk per thread, but no more chunks than work items or than the size justifies.
+inline int64_t chunk_count(int64_t work, int64_t elements) {
+  const int64_t by_size = std::max<int64_t>(1, elements / kMinParallelElements);
+  return std::max<int64_t>(1, std::min({static_cast<int64_t>(at::get_num_threads()), work, by_size}));
+}
+
+// v, kept where the ReLU output m is positive when MASK (the ReLU's backward).
+template <bool MASK, typename acc_t, typename scalar_t>
+inline acc_t masked(scalar_t v, const scalar_t* m, int64_t i) {
+  const acc_t value = static_cast<acc_t>(v);
+  if constexpr (MASK) return static_cast<acc_t>(m[i]) > acc_t(0) ? value : acc_t(0);
+  return value;
+}
+
+// Per-channel sums, d = u - shift:
+//   ONE input (TWO=false):  s1 = sum(d),     s2 = sum(d * d)
+//   TWO inputs (TWO=true):  s1 = sum(e),     s2 = sum(e * d),  e = v (masked by m > 0 if MASK)
+template <typename scalar_t, bool TWO, bool MASK>
+void channel_sums(const Geometry& g, const scalar_t* u, const scalar_t* v, const scalar_t* m,
+                  const typename AccType<scalar_t>::type* shift, double* s1, double* s2) {
+  using acc_t = typename AccType<scalar_t>::type;
+  const int64_t C = g.C, L = g.L;
+  const int64_t work = g.rows ? g.rows_count() : g.N * C;
+  const int64_t chunks = chunk_count(work, g.N * C * L);
+  std::vector<double> part(chunks * 2 * C, 0.0);
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> b1_store(g.rows ? C : 0), b2_store(g.rows ? C : 0);
+    acc_t* __restrict__ b1 = b1_store.data();
+    acc_t* __restrict__ b2 = b2_store.data();
+    for (int64_t k = begin; k < end; ++k) {
+      double* p1 = &part[k * 2 * C];
+      double* p2 = p1 + C;
+      const int64_t w0 = work * k / chunks, w1 = work * (k + 1) / chunks;
+      if (!g.rows) {
+        // Work items in channel-major order (w = c * N + n), so that the kLanes partial sums
+        // of a channel carry over its N planes: small planes pay no per-plane reduction.
+        for (int64_t w = w0; w < w1;) {
+          const int64_t c = w / g.N;
+          const int64_t w_end = std::min(w1, (c + 1) * g.N);
+          const acc_t sh = shift[c];
+          // Partial sums in registers, flushed to double every kBlock elements and at the end.
+          acc_t a1[kLanes] = {}, a2[kLanes] = {};
+          double t1 = 0, t2 = 0;
+          int64_t pending = 0;  // elements summed in a1/a2 since the last flush to double
+          for (; w < w_end; ++w) {
+            const int64_t plane = (w % g.N) * C + c;
+            const scalar_t* __restrict__ up = u + plane * L;
+            const scalar_t* __restrict__ vp = TWO ? v + plane * L : up;
+            const scalar_t* __restrict__ mp = MASK ? m + plane * L : up;
+            for (int64_t l0 = 0; l0 < L; l0 += kBlock) {
+              const int64_t l1 = std::min(L, l0 + kBlock);
+              int64_t l = l0;
+              for (; l + kLanes <= l1; l += kLanes) {
+#pragma omp simd
+                for (int64_t j = 0; j < kLanes; ++j) {
+                  const acc_t d = static_cast<acc_t>(up[l + j]) - sh;
+                  const acc_t e = TWO ? masked<MASK, acc_t>(vp[l + j], mp, l + j) : d;
+                  a1[j] += e;
+                  a2[j] += e * d;
+                }
+              }
+              for (int64_t j = 0; l < l1; ++l, ++j) {
+                const acc_t d = static_cast<acc_t>(up[l]) - sh;
+                const acc_t e = TWO ? masked<MASK, acc_t>(vp[l], mp, l) : d;
+                a1[j] += e;
+                a2[j] += e * d;
+              }
+              pending += l1 - l0;
+              if (pending >= kBlock || (w + 1 == w_end && l1 == L)) {
+                for (int64_t j = 0; j < kLanes; ++j) {
+                  t1 += a1[j];
+                  t2 += a2[j];
+                  a1[j] = acc_t(0);
+                  a2[j] = acc_t(0);
+                }
+                pending = 0;
+              }
+            }
+          }
+          p1[c] += t1;
+          p2[c] += t2;
+        }
+      } else {
+        // Row by row, all channels at once: the partial sums live in two L1-resident arrays.
+        const acc_t* __restrict__ s_ = shift;
+        for (int64_t r0 = w0; r0 < w1; r0 += kRowBlock) {
+          const int64_t r1 = std::min(w1, r0 + kRowBlock);
+          std::fill(b1, b1 + C, acc_t(0));
+          std::fill(b2, b2 + C, acc_t(0));
+          int64_t r = r0;
+          for (; r + 4 <= r1; r += 4) {  // four rows per update of the partial sums
+            const scalar_t* __restrict__ u0 = u + r * C;
+            const scalar_t* __restrict__ v0 = TWO ? v + r * C : u0;
+            const scalar_t* __restrict__ m0 = MASK ? m + r * C : u0;
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) {
+              const acc_t d0 = static_cast<acc_t>(u0[c]) - s_[c];
+              const acc_t d1 = static_cast<acc_t>(u0[c + C]) - s_[c];
+              const acc_t d2 = static_cast<acc_t>(u0[c + 2 * C]) - s_[c];
+              const acc_t d3 = static_cast<acc_t>(u0[c + 3 * C]) - s_[c];
+              const acc_t e0 = TWO ? masked<MASK, acc_t>(v0[c], m0, c) : d0;
+              const acc_t e1 = TWO ? masked<MASK, acc_t>(v0[c + C], m0, c + C) : d1;
+              const acc_t e2 = TWO ? masked<MASK, acc_t>(v0[c + 2 * C], m0, c + 2 * C) : d2;
+              const acc_t e3 = TWO ? masked<MASK, acc_t>(v0[c + 3 * C], m0, c + 3 * C) : d3;
+              b1[c] += (e0 + e1) + (e2 + e3);
+              b2[c] += (e0 * d0 + e1 * d1) + (e2 * d2 + e3 * d3);
+            }
+          }
+          for (; r < r1; ++r) {
+            const scalar_t* __restrict__ ur = u + r * C;
+            const scalar_t* __restrict__ vr = TWO ? v + r * C : ur;
+            const scalar_t* __restrict__ mr = MASK ? m + r * C : ur;
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) {
+              const acc_t d = static_cast<acc_t>(ur[c]) - s_[c];
+              const acc_t e = TWO ? masked<MASK, acc_t>(vr[c], mr, c) : d;
+              b1[c] += e;
+              b2[c] += e * d;
+            }
+          }
+          for (int64_t c = 0; c < C; ++c) {
+            p1[c] += b1[c];
+            p2[c] += b2[c];
+          }
+        }
+      }
+    }
+  });
+  for (int64_t c = 0; c < C; ++c) {
+    double t1 = 0, t2 = 0;
+    for (int64_t k = 0; k < chunks; ++k) {
+      t1 += part[k * 2 * C + c];
+      t2 += part[k * 2 * C + C + c];
+    }
+    s1[c] = t1;
+    s2[c] = t2;
+  }
+}
+
+// Pointers and per-channel coefficients of one affine pass (absent ones unused).
+template <typename scalar_t>
+struct AffineArgs {
+  using acc_t = typename AccType<scalar_t>::type;
+  const scalar_t* u = nullptr;  // the input x
+  const scalar_t* v = nullptr;  // the incoming gradient dy
+  const scalar_t* m = nullptr;  // the ReLU's output (its mask)
+  const scalar_t* r = nullptr;  // the residual
+  const acc_t* shift = nullptr;
+  const acc_t* A = nullptr;
+  const acc_t* B = nullptr;
+  const acc_t* K = nullptr;
+  scalar_t* out = nullptr;
+  scalar_t* g = nullptr;  // where to write the masked v (the gradient past the ReLU)
+};
+
+// out = A * e + B * (u - shift) + K [+ r], then ReLU if RELU; e = v, masked by m > 0 if MASK
+// (written to g if WRITE_G). USE_V=false drops the e term, USE_U=false the u term.
+template <typename scalar_t, bool USE_V, bool USE_U, bool MASK, bool RES, bool RELU, bool WRITE_G>
+void channel_affine(const Geometry& g, const AffineArgs<scalar_t>& p) {
+  using acc_t = typename AccType<scalar_t>::type;
+  const int64_t C = g.C, L = g.L;
+  const int64_t work = g.rows ? g.rows_count() : g.N * C;
+  const int64_t per_item = g.rows ? C : L;
+  const int64_t grain = std::max<int64_t>(1, kMinParallelElements / std::max<int64_t>(per_item, 1));
+  at::parallel_for(0, work, grain, [&](int64_t begin, int64_t end) {
+    const scalar_t* __restrict__ u = p.u;
+    const scalar_t* __restrict__ v = p.v;
+    const scalar_t* __restrict__ m = p.m;
+    const scalar_t* __restrict__ r = p.r;
+    scalar_t* __restrict__ out = p.out;
+    scalar_t* __restrict__ gout = p.g;
+    // One element; captured by value so that the pointers stay in registers.
+    auto element = [=](int64_t i, acc_t a, acc_t b, acc_t k, acc_t sh) {
+      acc_t y = k;
+      if constexpr (USE_U) y += b * (static_cast<acc_t>(u[i]) - sh);
+      if constexpr (USE_V) {
+        const acc_t e = masked<MASK, acc_t>(v[i], m, i);
+        if constexpr (WRITE_G) gout[i] = static_cast<scalar_t>(e);
+        y += a * e;
+      }
+      if constexpr (RES) y += static_cast<acc_t>(r[i]);
+      if constexpr (RELU) y = y < acc_t(0) ? acc_t(0) : y;  // NaN stays NaN, as in torch
+      out[i] = static_cast<scalar_t>(y);
+    };
+    if (!g.rows) {
+      for (int64_t plane = begin; plane < end; ++plane) {
+        const int64_t c = plane % C;
+        const acc_t a = USE_V ? p.A[c] : acc_t(0), b = USE_U ? p.B[c] : acc_t(0), k = p.K[c];
+        const acc_t sh = USE_U ? p.shift[c] : acc_t(0);
+        const int64_t base = plane * L;
+#pragma omp simd
+        for (int64_t l = 0; l < L; ++l) element(base + l, a, b, k, sh);
+      }
+    } else {
+      const acc_t* __restrict__ A = p.A;
+      const acc_t* __restrict__ B = p.B;
+      const acc_t* __restrict__ K = p.K;
+      const acc_t* __restrict__ S = p.shift;
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t base = row * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+          element(base + c, USE_V ? A[c] : acc_t(0), USE_U ? B[c] : acc_t(0), K[c],
+                  USE_U ? S[c] : acc_t(0));
+        }
+      }
+    }
+  });
+}
+
+}  // namespace bnlab

@@ -1,0 +1,29 @@
+// Output memory for large tensors: a caching allocator that torch sees as any other.
+//
+// A fresh 50 MB CPU tensor costs page faults and zeroing on every training step, more than
+// the normalization's arithmetic on small machines. Tensors of at least kPoolMinBytes are
+// allocated here instead: 2 MiB-aligned, transparent huge pages requested, and on release
+// kept for the next allocation of the same size, up to a cap of idle bytes (oldest dropped
+// first; BNLAB_POOL_MB, default 256; 0 disables caching). The tensors are ordinary: their
+// storage is resizable (through this allocator), shareable and serializable like torch's.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+
+namespace bnlab {
+
+constexpr int64_t kPoolMinBytes = int64_t(1) << 20;
+
+// An uninitialized tensor with the sizes, strides and dtype of `like` (dense strides).
+at::Tensor empty_output(const at::Tensor& like);
+
+struct PoolStats {
+  int64_t idle_bytes, idle_blocks, max_idle_bytes, hits, misses;
+};
+PoolStats pool_stats();
+void pool_release();                      // free every idle block
+void pool_set_max_idle_bytes(int64_t n);  // cap (frees idle blocks above it)
+
+}  // namespace bnlab

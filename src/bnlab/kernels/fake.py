@@ -1,0 +1,49 @@
+"""Fake (meta) implementations of the bnlab operators: output shapes, dtypes and strides
+without computing anything, for torch.compile, torch.export and FakeTensor tracing."""
+
+from __future__ import annotations
+
+import torch
+
+_registered = False
+
+
+def _compute_dtype(input: torch.Tensor) -> torch.dtype:
+    return torch.float64 if input.dtype == torch.float64 else torch.float32
+
+
+def _vectors(input: torch.Tensor, count: int) -> list[torch.Tensor]:
+    channels = input.shape[1]
+    return [input.new_empty((channels,), dtype=_compute_dtype(input)) for _ in range(count)]
+
+
+def forward(input, weight, bias, residual, running_mean, running_var, training, momentum, eps, activation, nonfinite, report):  # fmt: skip
+    shift, mean_d, invstd = _vectors(input, 3)
+    bad = input.new_empty((input.shape[1],), dtype=torch.bool)
+    return torch.empty_like(input), shift, mean_d, invstd, bad
+
+
+def backward(grad_out, input, weight, output, shift, mean_d, invstd, training, activation, output_mask):  # fmt: skip
+    none = input.new_empty((0,), dtype=_compute_dtype(input))
+    grad_weight, grad_bias = _vectors(input, 2)
+    return (
+        torch.empty_like(input) if output_mask[0] else none,
+        grad_weight if output_mask[1] else none,
+        grad_bias if output_mask[2] else none,
+        torch.empty_like(input) if output_mask[3] else none,
+    )
+
+
+def batch_norm(input, weight, bias, residual, running_mean, running_var, training, momentum, eps, activation, nonfinite, report):  # fmt: skip
+    return torch.empty_like(input), input.new_empty((input.shape[1],), dtype=torch.bool)
+
+
+def register() -> None:
+    """Register the fake implementations (once; the operators must exist)."""
+    global _registered
+    if _registered:
+        return
+    torch.library.register_fake("bnlab::batch_norm_forward")(forward)
+    torch.library.register_fake("bnlab::batch_norm_backward")(backward)
+    torch.library.register_fake("bnlab::batch_norm")(batch_norm)
+    _registered = True

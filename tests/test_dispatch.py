@@ -1,0 +1,146 @@
+"""One parity grid over every path behind ``bnlab.functional.batch_norm``.
+
+Paths (see the functional module's docstring): ``operator`` (the C++ autograd node),
+``function`` (the Python autograd.Function over the kernels, taken under torch.func
+transforms; forced here), ``composite`` (torch ops: kernels switched off or unbuilt) and
+``native`` (torch's kernel: other devices, empty batches). Each runs bnlab.nn modules against
+torch.nn modules from identical weights — outputs, input/weight/bias gradients, running
+statistics and ``num_batches_tracked`` over train/eval steps — at small sizes and above the
+1 MB pool threshold, both layouts, float32 and bfloat16, affine on/off, track_running_stats
+on/off; the float32 results are also held to the float64 NumPy reference.
+"""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from bnlab import functional, kernels
+from bnlab import nn as bnn
+from bnlab.reference import batchnorm_backward_alt, batchnorm_forward
+
+PATHS = ("operator", "function", "composite")
+
+
+@pytest.fixture
+def path(request, monkeypatch):
+    name = request.param
+    monkeypatch.setattr(kernels, "_ENABLED", name != "composite")
+    assert name == "composite" or kernels.load() is not None
+    if name == "function":  # as if a torch.func transform were active
+        monkeypatch.setattr(functional, "_transforms_active", lambda: True)
+    return name
+
+
+def _grad_fn_name(path: str) -> str:
+    return "BatchNormNode" if path == "operator" else "BatchNormFunctionBackward"
+
+
+SMALL = (6, 5, 4, 4)
+LARGE = (32, 40, 16, 16)  # 1.3 MB in float32: pooled outputs
+GRID = list(itertools.product(("contiguous", "channels_last"), (torch.float32, torch.bfloat16), (True, False), (True, False)))  # fmt: skip
+
+
+def _run(module, x, dy, steps=("train", "train", "eval")):
+    """Alternating train/eval steps; returns everything a user can observe."""
+    seen = []
+    for i, mode in enumerate(steps):
+        module.train(mode == "train")
+        xi = (x * (1 + i)).detach().requires_grad_()
+        out = module(xi)
+        out.backward(dy)
+        seen += [out, xi.grad]
+        for p in (module.weight, module.bias):
+            if p is not None:
+                seen.append(p.grad.clone())
+                p.grad = None
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            if getattr(module, name) is not None:
+                seen.append(getattr(module, name).clone())
+    return seen, out.grad_fn
+
+
+def _modules(dtype, affine, track, layout):
+    torch.manual_seed(0)
+    ours = bnn.BatchNorm2d(SMALL[1], affine=affine, track_running_stats=track)
+    theirs = nn.BatchNorm2d(SMALL[1], affine=affine, track_running_stats=track)
+    if affine:
+        with torch.no_grad():
+            ours.weight.uniform_(0.5, 1.5), ours.bias.uniform_(-1, 1)
+    theirs.load_state_dict(ours.state_dict())
+    return ours, theirs
+
+
+def _data(shape, dtype, layout, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g) * 2 + 3).to(dtype)
+    dy = torch.randn(shape, generator=g).to(dtype)
+    if layout == "channels_last":
+        x, dy = (t.contiguous(memory_format=torch.channels_last) for t in (x, dy))
+    return x, dy
+
+
+def _compare(got, want, dtype):
+    tol = 2e-5 if dtype == torch.float32 else 5e-2
+    for a, b in zip(got, want, strict=True):
+        scale = max(1.0, b.double().abs().max().item())
+        assert (a.double() - b.double()).abs().max().item() / scale <= tol
+
+
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+@pytest.mark.parametrize(("layout", "dtype", "affine", "track"), GRID)
+def test_small_grid_matches_torch(path, layout, dtype, affine, track):
+    ours, theirs = _modules(dtype, affine, track, layout)
+    x, dy = _data(SMALL, dtype, layout)
+    got, grad_fn = _run(ours, x, dy)
+    want, _ = _run(theirs, x, dy)
+    _compare(got, want, dtype)
+    assert _grad_fn_name(path) in grad_fn.name()
+
+
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_large_matches_torch_and_reference(path, layout):
+    ours, theirs = _modules(torch.float32, True, True, layout)
+    ours = bnn.BatchNorm2d(LARGE[1])
+    theirs = nn.BatchNorm2d(LARGE[1])
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5), ours.bias.uniform_(-1, 1)
+    theirs.load_state_dict(ours.state_dict())
+    x, dy = _data(LARGE, torch.float32, layout)
+    got, grad_fn = _run(ours, x, dy, steps=("train", "eval"))
+    want, _ = _run(theirs, x, dy, steps=("train", "eval"))
+    _compare(got, want, torch.float32)
+    assert _grad_fn_name(path) in grad_fn.name()
+    # The first (training) step against the float64 NumPy reference.
+    rows = np.moveaxis(x.double().numpy(), 1, -1).reshape(-1, LARGE[1])
+    w, b = theirs.weight.detach().double().numpy(), theirs.bias.detach().double().numpy()
+    out, cache = batchnorm_forward(rows, w, b, {"mode": "train", "eps": 1e-5})
+    dyr = np.moveaxis(dy.double().numpy(), 1, -1).reshape(-1, LARGE[1])
+    dx, dw, db = batchnorm_backward_alt(dyr, cache)
+    shape = (LARGE[0], *LARGE[2:], LARGE[1])
+    for value, truth in ((got[0], np.moveaxis(out.reshape(shape), -1, 1)),
+                         (got[1], np.moveaxis(dx.reshape(shape), -1, 1)), (got[2], dw), (got[3], db)):  # fmt: skip
+        scale = max(1.0, np.abs(truth).max())
+        assert np.abs(value.detach().double().numpy() - truth).max() / scale <= 2e-5
+
+
+def test_native_path_for_empty_batches_keeps_statistics():
+    ours, theirs = bnn.BatchNorm2d(3), nn.BatchNorm2d(3)
+    x = torch.randn(0, 3, 4, 4, requires_grad=True)
+    assert ours(x).shape == theirs(x).shape == (0, 3, 4, 4)
+    assert torch.equal(ours.running_mean, theirs.running_mean)
+    assert int(ours.num_batches_tracked) == int(theirs.num_batches_tracked) == 1
+
+
+def test_native_path_for_devices_without_kernels(monkeypatch):
+    """A device without bnlab kernels takes torch's kernel with bnlab's checks (simulated on
+    the CPU by removing it from the kernel devices)."""
+    monkeypatch.setattr(kernels, "DEVICES", set())
+    x = torch.randn(4, 3, 5, requires_grad=True)
+    out = functional.batch_norm(x, None, None, training=True)
+    assert "NativeBatchNorm" in out.grad_fn.name()
+    with pytest.raises(ValueError, match="weight"):
+        functional.batch_norm(x, None, None, torch.ones(4), training=True)
