@@ -165,6 +165,17 @@ def _torch_native(input, running_mean, running_var, weight, bias, training, mome
     return torch.relu(out) if _ACTIVATION_CODES[activation] == composite.RELU else out
 
 
+def _report(bad: Tensor, policy: int) -> None:
+    """Name non-finite channels after an eager call; on CUDA without stalling the device
+    (the warning is deferred until the mask's copy to the host has landed)."""
+    if bad.device.type == "cuda":
+        from bnlab.kernels.cuda import report
+
+        report.report(bad, policy)
+    elif bool(bad.any()):
+        composite.report(bad, policy)
+
+
 def _transforms_active() -> bool:
     """Whether a torch.func transform (grad, vmap, ...) is running this call."""
     return torch._C._are_functorch_transforms_active()
@@ -223,6 +234,6 @@ def batch_norm(
         out, bad = BatchNormFunction.apply(*args, Operators)[:2]
     else:
         out, bad = torch.ops.bnlab.batch_norm(*args)
-    if training and policy != composite.PROPAGATE and not operator_reports and bool(bad.any()):
-        composite.report(bad, policy)
+    if training and policy != composite.PROPAGATE and not operator_reports:
+        _report(bad, policy)
     return out

@@ -43,7 +43,7 @@ _LOCK = threading.Lock()
 _state: dict = {"module": None, "error": None, "load_seconds": None}
 _ENABLED = os.environ.get("BNLAB_KERNELS", "1") != "0"
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-DEVICES = {"cpu"}  # device types with bnlab kernels registered (CUDA adds itself)
+DEVICES = {"cpu"}  # device types with bnlab kernels ("cuda" once its kernels are registered)
 
 
 def enabled() -> bool:
@@ -76,6 +76,7 @@ def load() -> ModuleType | None:
 
             fake.register()
             composite.register()
+            _register_cuda()
             _state["module"] = module
         except Exception as error:  # no compiler, no headers, ...: fall back, say why once
             _state["error"] = error
@@ -87,6 +88,15 @@ def load() -> ModuleType | None:
             )
         _state["load_seconds"] = time.perf_counter() - started
     return _state["module"]
+
+
+def _register_cuda() -> None:
+    """Install the Triton kernels at the operators' CUDA key where a GPU and Triton exist."""
+    if torch.cuda.is_available():
+        from bnlab.kernels import cuda
+
+        if cuda.register():
+            DEVICES.add("cuda")
 
 
 def load_seconds() -> float | None:
