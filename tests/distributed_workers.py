@@ -1,4 +1,12 @@
-"""Worker functions for the multi-process tests (importable by spawned processes)."""
+"""Worker functions for the multi-process tests (importable by spawned processes).
+
+The ranks meet through a ``FileStore`` in the test's own tmp dir, never a TCP port: a port
+found free by one process can be taken by another before rank 0 binds it (any test suite
+running beside this one), and then the ranks fail or join a foreign group. Collectives get
+a generous timeout: a rank that really fails ends the others through
+``torch.multiprocessing`` at once, so the timeout only bounds a genuine hang and must not
+fire because a loaded machine is slow.
+"""
 
 import contextlib
 import datetime
@@ -8,11 +16,14 @@ import torch.distributed as dist
 
 from bnlab.lab.distributed import drain_before_destroy
 
+TIMEOUT = datetime.timedelta(minutes=10)
+
 
 @contextlib.contextmanager
-def _group(rank: int, world: int, port: int):
-    """A gloo process group on localhost for the duration of the block."""
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))  # fmt: skip
+def _group(rank: int, world: int, out_dir: str):
+    """A gloo process group whose rendezvous is a file in ``out_dir``, for the block."""
+    init = f"file://{out_dir}/rendezvous"
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world, timeout=TIMEOUT)
     try:
         yield
         drain_before_destroy()  # torch < 2.8 can deadlock in destroy otherwise
@@ -20,13 +31,11 @@ def _group(rank: int, world: int, port: int):
         dist.destroy_process_group()
 
 
-def sync_bn_worker(
-    rank: int, world: int, port: int, sizes: list[int], seed: int, out_dir: str
-) -> None:
+def sync_bn_worker(rank: int, world: int, sizes: list[int], seed: int, out_dir: str) -> None:
     """Run SyncBatchNorm on this rank's slice of a seeded global batch; save what it saw."""
     from bnlab.nn import SyncBatchNorm
 
-    with _group(rank, world, port):
+    with _group(rank, world, out_dir):
         g = torch.Generator().manual_seed(seed)
         total = sum(sizes)
         x = torch.randn(total, 3, 4, 5, generator=g, dtype=torch.float64) * 2 + 1e3
@@ -44,11 +53,11 @@ def sync_bn_worker(
                     "running_var": bn.running_var, "count": bn.num_batches_tracked}, f"{out_dir}/rank{rank}.pt")  # fmt: skip
 
 
-def sync_bn_expect_error(rank: int, world: int, port: int, out_dir: str) -> None:
+def sync_bn_expect_error(rank: int, world: int, out_dir: str) -> None:
     """A global batch of one value per channel must fail on every rank, not hang."""
     from bnlab.nn import SyncBatchNorm
 
-    with _group(rank, world, port):
+    with _group(rank, world, out_dir):
         bn = SyncBatchNorm(2)
         local = torch.randn(1 if rank == 0 else 0, 2)
         try:
@@ -60,11 +69,11 @@ def sync_bn_expect_error(rank: int, world: int, port: int, out_dir: str) -> None
             handle.write(message)
 
 
-def sync_bn_foreign_group(rank: int, world: int, port: int, out_dir: str) -> None:
+def sync_bn_foreign_group(rank: int, world: int, out_dir: str) -> None:
     """Rank 1 uses a process group that does not contain it: a clear error, not a silent BN."""
     from bnlab.nn import SyncBatchNorm
 
-    with _group(rank, world, port):
+    with _group(rank, world, out_dir):
         group = dist.new_group([0])
         message = "no error"
         if rank == 1:

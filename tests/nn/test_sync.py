@@ -5,14 +5,13 @@ import torch
 import torch.multiprocessing as mp
 
 from bnlab import nn as bnn
-from bnlab.lab.distributed import free_port
 from distributed_workers import sync_bn_expect_error, sync_bn_foreign_group, sync_bn_worker
 
 
 @pytest.mark.parametrize("sizes", [[5, 3], [5, 3, 0]])
 def test_sync_bn_equals_bn_on_the_concatenated_batch(tmp_path, sizes):
     seed = 11
-    mp.start_processes(sync_bn_worker, args=(len(sizes), free_port(), sizes, seed, str(tmp_path)), nprocs=len(sizes), start_method="spawn")  # fmt: skip
+    mp.start_processes(sync_bn_worker, args=(len(sizes), sizes, seed, str(tmp_path)), nprocs=len(sizes), start_method="spawn")  # fmt: skip
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(len(sizes))]
     g = torch.Generator().manual_seed(seed)
     total = sum(sizes)
@@ -37,7 +36,7 @@ def test_sync_bn_equals_bn_on_the_concatenated_batch(tmp_path, sizes):
 
 
 def test_global_batch_of_one_fails_on_every_rank(tmp_path):
-    mp.start_processes(sync_bn_expect_error, args=(2, free_port(), str(tmp_path)), nprocs=2, start_method="spawn")  # fmt: skip
+    mp.start_processes(sync_bn_expect_error, args=(2, str(tmp_path)), nprocs=2, start_method="spawn")  # fmt: skip
     for rank in range(2):
         message = (tmp_path / f"rank{rank}.txt").read_text()
         assert (
@@ -72,6 +71,6 @@ def test_convert_and_revert_keep_state_and_classes():
 
 
 def test_a_rank_outside_the_process_group_gets_a_clear_error(tmp_path):
-    mp.start_processes(sync_bn_foreign_group, args=(2, free_port(), str(tmp_path)), nprocs=2, start_method="spawn")  # fmt: skip
+    mp.start_processes(sync_bn_foreign_group, args=(2, str(tmp_path)), nprocs=2, start_method="spawn")  # fmt: skip
     message = (tmp_path / "rank1.txt").read_text()
     assert "process_group: this rank (1) is not a member of the process group" in message

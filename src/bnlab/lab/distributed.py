@@ -29,8 +29,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import socket
-from dataclasses import asdict, dataclass
+import tempfile
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +53,7 @@ class DistributedConfig:
     lr: float = 0.05
     seed: int = 0
     dtype: str = "float32"
-    timeout: float = 60.0
+    timeout: float = 300.0  # bounds a hang; a failing rank stops the others at once
     backend: str = "auto"  # auto, gloo or nccl
     device: str = "auto"  # auto, cpu or cuda (cuda:LOCAL_RANK: one GPU per rank)
     init_method: str | None = None  # rendezvous, e.g. file:///tmp/store (default env://)
@@ -191,22 +191,19 @@ def run_rank(config: DistributedConfig) -> list[float]:
     return losses
 
 
-def _spawned(rank: int, world: int, port: int, config: DistributedConfig) -> None:
+def _spawned(rank: int, world: int, config: DistributedConfig) -> None:
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-                       "LOCAL_WORLD_SIZE": str(world),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})  # fmt: skip
+                       "LOCAL_WORLD_SIZE": str(world)})  # fmt: skip
     torch.set_num_threads(1)
     run_rank(config)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(config: DistributedConfig, nproc: int) -> None:
-    """Run ``nproc`` ranks on this machine; a failing rank ends them all with its error."""
+    """Run ``nproc`` ranks on this machine; a failing rank ends them all with its error.
+
+    Unless ``config.init_method`` says otherwise, the ranks meet through a file in a fresh
+    temporary directory, not a TCP port: a port found free can be taken by another program
+    before rank 0 binds it (then the ranks fail, or join a stranger's group)."""
     if nproc < 1:
         raise ValueError(f"nproc: expected a positive integer, got {nproc}")
     # refuse a contradiction here, with its message, rather than in every rank
@@ -216,7 +213,10 @@ def launch(config: DistributedConfig, nproc: int) -> None:
         return
     import torch.multiprocessing as mp
 
-    mp.start_processes(_spawned, args=(nproc, free_port(), config), nprocs=nproc, start_method="spawn")  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="bnlab-rendezvous-") as folder:
+        if config.init_method is None:
+            config = replace(config, init_method=f"file://{folder}/store")
+        mp.start_processes(_spawned, args=(nproc, config), nprocs=nproc, start_method="spawn")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
