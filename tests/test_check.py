@@ -1,9 +1,10 @@
 """`bnlab check`: the table of errors per level, and its exit status."""
 
+import torch
 from typer.testing import CliRunner
 
 from bnlab import check
-from bnlab.check import CheckRow, run_checks
+from bnlab.check import TOLERANCE, CheckRow, run_checks
 from bnlab.cli import app
 
 
@@ -15,8 +16,13 @@ def test_every_level_and_dtype_is_checked_and_within_tolerance():
     for dtype in ("float64", "float32", "bfloat16", "float16", "offset 1e+06"):
         assert dtype in cases
     assert all(row.ok for row in rows), [row for row in rows if not row.ok]
-    torch_at_1e6 = [r for r in rows if r.informational and "1e+06" in r.case]
-    assert torch_at_1e6 and all(r.vs_truth > r.tolerance for r in torch_at_1e6)
+    # torch's own error at the large offsets is shown, never asserted (README: ~5e-2 at 1e6)
+    informational = [r for r in rows if r.informational]
+    assert informational and all(r.level.startswith("torch ") for r in informational)
+    bnlab_at_1e6 = [r for r in rows if not r.informational and "offset 1e+06: out" in r.case]
+    assert len(bnlab_at_1e6) == 2 and all(
+        r.vs_truth <= TOLERANCE[torch.float32] for r in bnlab_at_1e6
+    )
 
 
 def test_row_fails_when_torch_or_truth_exceeds_tolerance():

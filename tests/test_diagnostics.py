@@ -26,7 +26,11 @@ def test_record_sees_activations_and_gradients_then_removes_its_hooks():
     assert len(bn.activation_mean) == 2 and abs(bn.activation_mean[0]) < 1e-5
     assert bn.activation_std[0] == pytest.approx(1.0, abs=0.05)
     assert len(bn.activation_percentiles[0]) == 5
-    assert len(bn.gradient_norm) == 1 and bn.gradient_norm[0] > 0
+    assert len(bn.gradient_norm) == 1
+    hidden = model[:2](x)  # the gradient the hook saw: d loss / d (output of BN "1")
+    hidden.retain_grad()
+    model[2:](hidden).pow(2).sum().backward()
+    assert bn.gradient_norm[0] == pytest.approx(hidden.grad.norm().item(), rel=1e-6)
     counts, edges = bn.gradient_histograms[0]
     assert sum(counts) == 32 * 8 and len(edges) == len(counts) + 1
     assert all(not m._forward_hooks for m in model.modules()), "no hooks left behind"

@@ -11,12 +11,12 @@ from bnlab.lab.formats import DataFormatError, read_cifar_batch, read_idx
 
 
 @pytest.mark.parametrize(
-    ("name", "shape", "total"),
-    [("digits", (1, 8, 8), 1797), ("mnist1d", (1, 40), 5000), ("spirals", (2,), 1500)],
+    ("name", "shape", "classes", "total"),
+    [("digits", (1, 8, 8), 10, 1797), ("mnist1d", (1, 40), 10, 5000), ("spirals", (2,), 3, 1500)],
 )
-def test_embedded_datasets(name, shape, total):
+def test_embedded_datasets(name, shape, classes, total):
     data = load_dataset(name)
-    assert data.input_shape == shape and data.num_classes in (3, 10)
+    assert data.input_shape == shape and data.num_classes == classes
     assert len(data.y_train) + len(data.y_val) + len(data.y_test) == total
     assert data.x_train.dtype == np.float32 and data.y_train.dtype == np.int64
     axes = (0, *range(2, data.x_train.ndim))

@@ -23,7 +23,7 @@ def test_sync_bn_equals_bn_on_the_concatenated_batch(tmp_path, sizes):
         bn.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
     out = bn(x)
     out.backward(dy)
-    tol = 1e-5
+    tol = 1e-9  # float64; measured errors stay below 1e-11
     assert (torch.cat([r["out"] for r in results]) - out).abs().max() <= tol
     assert (torch.cat([r["grad"] for r in results]) - x.grad).abs().max() <= tol
     assert (sum(r["weight_grad"] for r in results) - bn.weight.grad).abs().max() <= tol
@@ -58,6 +58,7 @@ def test_convert_and_revert_keep_state_and_classes():
     ghost = bnn.GhostBatchNorm2d(4, 2)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4), bnn.BatchNorm1d(5, nonfinite="raise"), ghost)  # fmt: skip
     model[1](torch.randn(6, 4, 2, 2) * 3)
+    trained = {k: v.clone() for k, v in model[1].state_dict().items()}
     converted = bnn.convert_sync_batchnorm(model)
     assert isinstance(converted[1], bnn.SyncBatchNorm) and isinstance(
         converted[2], bnn.SyncBatchNorm
@@ -67,7 +68,9 @@ def test_convert_and_revert_keep_state_and_classes():
     reverted = bnn.revert_sync_batchnorm(converted)
     assert type(reverted[1]) is torch.nn.BatchNorm2d and type(reverted[2]) is bnn.BatchNorm1d
     state = reverted[1].state_dict()
-    assert state["num_batches_tracked"].item() == 1 and state["running_var"].abs().sum() > 0
+    assert list(state) == list(trained) and state["num_batches_tracked"].item() == 1
+    for key, value in trained.items():
+        assert torch.equal(state[key], value), key
 
 
 def test_a_rank_outside_the_process_group_gets_a_clear_error(tmp_path):

@@ -1,0 +1,210 @@
+"""``make mutants``: seeded bugs in the core math, each of which the test suite must catch.
+
+Each mutant replaces one exact piece of source text by a wrong one (a sign flip, a dropped
+term, an off-by-one, a wrong momentum or bias correction) in a *copy* of ``src/`` and
+``tests/`` made in a temporary directory; the working tree is never touched. The tests
+named for the mutant then run there (``pytest -x -q``, with ``PYTHONPATH`` pointing at
+the copy; a C++ mutant also gets its own kernel cache, ``BNLAB_CACHE_DIR``, and costs a
+rebuild of about a minute). A mutant is *caught* when those tests fail (pytest exit 1);
+it *survived* when they pass. A mutant whose target text is not found exactly once is
+*stale* (the code moved on): the script says so and stops before running anything, so
+a stale mutant is never counted as caught. The unmutated copy must pass every chosen test
+first. Exit status: 0 when every mutant is caught, 1 otherwise, 2 for stale mutants.
+
+    python scripts/mutants.py            # all of them (about 15-25 min on 2 cores)
+    python scripts/mutants.py --list     # names, files and tests
+    python scripts/mutants.py ref-dx-sign nn-momentum   # a few, by name
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+REFERENCE = ("tests/reference", "tests/test_check.py")
+NN = ("tests/nn/test_batchnorm.py",)
+SYNC = ("tests/nn/test_sync.py",)
+FUNCTIONAL = ("tests/test_functional.py", "tests/nn/test_batchnorm.py")
+INFERENCE = ("tests/test_inference.py",)
+KERNELS = ("tests/kernels", "tests/test_functional.py", "tests/nn/test_batchnorm.py")
+
+
+@dataclass(frozen=True)
+class Mutant:
+    """Replace ``old`` (exactly one occurrence) by ``new`` in ``path``; run ``tests``."""
+
+    name: str
+    path: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+    @property
+    def cpp(self) -> bool:
+        return self.path.endswith(".cpp")
+
+
+REF = "src/bnlab/reference/batchnorm.py"
+NN_BN = "src/bnlab/nn/batchnorm.py"
+SYNC_PY = "src/bnlab/nn/sync.py"
+FUNC = "src/bnlab/functional.py"
+INFER = "src/bnlab/inference.py"
+
+# fmt: off
+MUTANTS: list[Mutant] = [
+    # level 1, the NumPy reference (the oracle itself must be pinned by tests)
+    Mutant("ref-unbiased-normalization", REF, "var = sq.mean(axis=0)", "var = sq.sum(axis=0) / (x.shape[0] - 1)", REFERENCE),
+    Mutant("ref-dropped-eps-train", REF, "sqrtvar = np.sqrt(var + eps)", "sqrtvar = np.sqrt(var)", REFERENCE),
+    Mutant("ref-dropped-eps-test", REF, "ivar = 1.0 / np.sqrt(running_var + eps)", "ivar = 1.0 / np.sqrt(running_var)", REFERENCE),
+    Mutant("ref-momentum-swapped", REF, "running_mean += (1.0 - momentum) * mu", "running_mean += momentum * mu", REFERENCE),
+    Mutant("ref-running-var-of-mean", REF, "running_var += (1.0 - momentum) * var", "running_var += (1.0 - momentum) * mu", REFERENCE),
+    Mutant("ref-staged-dx-sign", REF, "dx = dxmu + dmu / n", "dx = dxmu - dmu / n", REFERENCE),
+    Mutant("ref-staged-dropped-factor-2", REF, "dxmu = dxmu + 2.0 * xmu * dsq", "dxmu = dxmu + xmu * dsq", REFERENCE),
+    Mutant("ref-compact-dropped-mean-dy", REF, "(dout - dbeta / n - x_hat * dgamma / n)", "(dout - x_hat * dgamma / n)", REFERENCE),
+    Mutant("ref-compact-off-by-one", REF, "(dout - dbeta / n - x_hat * dgamma / n)", "(dout - dbeta / n - x_hat * dgamma / (n - 1))", REFERENCE),
+    Mutant("ref-dgamma-is-dbeta", REF, "    dgamma = (dout * x_hat).sum(axis=0)\n    if mode == \"test\":\n        return dout * gamma", "    dgamma = dout.sum(axis=0)\n    if mode == \"test\":\n        return dout * gamma", REFERENCE),
+    Mutant("ref-population-bias-correction", REF, "m / (m - 1) * batch_vars", "(m - 1) / m * batch_vars", REFERENCE),
+    Mutant("ref-fold-shift-sign", REF, "np.asarray(beta) - scale * np.asarray(running_mean)", "np.asarray(beta) + scale * np.asarray(running_mean)", REFERENCE),
+    # level 3, nn: momentum, cumulative average, num_batches_tracked
+    Mutant("nn-momentum-inverted", NN_BN, "            return 1.0 / float(self.num_batches_tracked)\n        return self.momentum", "            return 1.0 / float(self.num_batches_tracked)\n        return 1.0 - self.momentum", NN),
+    Mutant("nn-cumulative-off-by-one", NN_BN, "return 1.0 / float(self.num_batches_tracked)", "return 1.0 / (float(self.num_batches_tracked) + 1.0)", NN),
+    Mutant("nn-batches-not-counted", NN_BN, "self.num_batches_tracked.add_(1)", "self.num_batches_tracked.add_(0)", NN),
+    Mutant("nn-eval-untracked-uses-running", NN_BN, "use_batch_stats = self.training or self.running_mean is None", "use_batch_stats = self.training", NN),
+    # SyncBatchNorm: Chan's merge, the backward all-reduce
+    Mutant("sync-chan-dropped-between-term", SYNC_PY, "var = (m2s + counts * (means - mean) ** 2).sum(0) / total", "var = m2s.sum(0) / total", SYNC),
+    Mutant("sync-unweighted-mean", SYNC_PY, "mean = (counts * means).sum(0) / total", "mean = means.mean(0)", SYNC),
+    Mutant("sync-no-bias-correction", SYNC_PY, "mean, var, total, momentum, nonfinite)", "mean, var, total, momentum, nonfinite, correction=False)", SYNC),
+    Mutant("sync-backward-not-reduced", SYNC_PY, "dist.all_reduce(sums, group=ctx.group)", "sums = sums.clone()", SYNC),
+    Mutant("sync-backward-off-by-one", SYNC_PY, "mean_dy = (sums[:channels] / ctx.total)", "mean_dy = (sums[:channels] / (ctx.total - 1))", SYNC),
+    Mutant("sync-grad-weight-is-sum-dy", SYNC_PY, "grad_weight = local_dy_xhat.to(weight.dtype)", "grad_weight = local_dy.to(weight.dtype)", SYNC),
+    Mutant("sync-global-batch-of-one", SYNC_PY, "if total <= 1:", "if total < 1:", SYNC),
+    # inference: fold and recalibrate
+    Mutant("fold-dropped-eps", INFER, "scale = torch.rsqrt(var + bn.eps)", "scale = torch.rsqrt(var)", INFERENCE),
+    Mutant("fold-dropped-bn-bias", INFER, "        shift = shift + bn.bias.double()", "        shift = shift + 0.0 * bn.bias.double()", INFERENCE),
+    Mutant("fold-layer-bias-unscaled", INFER, "layer.bias.double() * scale + shift", "layer.bias.double() + shift", INFERENCE),
+    Mutant("recalibrate-exponential-average", INFER, "bn.momentum = None  # cumulative average", "bn.momentum = 0.1  # cumulative average", INFERENCE),
+    # level 2, functional (the torch path and the helpers SyncBatchNorm shares)
+    Mutant("functional-no-bias-correction", FUNC, "unbiased = var * (count / (count - 1)) if correction else var", "unbiased = var if correction else var", FUNCTIONAL),
+    Mutant("functional-grad-input-sign", FUNC, "- x_hat * per_channel(mean_dy_xhat, dy)", "+ x_hat * per_channel(mean_dy_xhat, dy)", FUNCTIONAL),
+]
+# fmt: on
+
+
+def _copy_tree(into: Path) -> None:
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", ".hypothesis")
+    for name in ("src", "tests"):
+        shutil.copytree(ROOT / name, into / name, ignore=ignore)
+    shutil.copy2(ROOT / "pyproject.toml", into / "pyproject.toml")
+
+
+def _environment(tree: Path, cache: Path | None) -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=str(tree / "src"), PYTHONDONTWRITEBYTECODE="1")
+    if cache is not None:
+        env["BNLAB_CACHE_DIR"] = str(cache)
+    return env
+
+
+def _pytest(tree: Path, tests: tuple[str, ...], env: dict[str, str], timeout: float) -> int:
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    try:
+        done = subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return -1
+    if done.returncode not in (0, 1):  # collection error, usage error, nothing collected
+        print(done.stdout[-3000:] + done.stderr[-3000:], file=sys.stderr)
+    return done.returncode
+
+
+def check_targets(mutants: list[Mutant]) -> list[str]:
+    """Problems with the mutants' target texts: each must occur exactly once."""
+    problems = []
+    for mutant in mutants:
+        path = ROOT / mutant.path
+        if not path.exists():
+            problems.append(f"{mutant.name}: file {mutant.path} does not exist")
+            continue
+        count = path.read_text().count(mutant.old)
+        if count != 1:
+            problems.append(f"{mutant.name}: target text found {count} times in {mutant.path} (expected once): {mutant.old!r}")  # fmt: skip
+    return problems
+
+
+def run_one(mutant: Mutant, timeout: float) -> tuple[str, float]:
+    """Apply ``mutant`` in a fresh copy and run its tests: 'caught', 'SURVIVED' or 'ERROR'."""
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix=f"bnlab-mutant-{mutant.name}-") as folder:
+        tree = Path(folder)
+        _copy_tree(tree)
+        target = tree / mutant.path
+        target.write_text(target.read_text().replace(mutant.old, mutant.new, 1))
+        env = _environment(tree, tree / "cache" if mutant.cpp else None)
+        code = _pytest(tree, mutant.tests, env, timeout)
+    verdict = {0: "SURVIVED", 1: "caught"}.get(code, "ERROR")
+    return verdict, time.perf_counter() - started
+
+
+def baseline(mutants: list[Mutant], timeout: float) -> bool:
+    """The unmutated copy: bnlab must be imported from it, and every chosen test must pass."""
+    tests = tuple(sorted({t for m in mutants for t in m.tests}))
+    with tempfile.TemporaryDirectory(prefix="bnlab-mutant-baseline-") as folder:
+        tree = Path(folder)
+        _copy_tree(tree)
+        env = _environment(tree, None)
+        probe = [sys.executable, "-c", "import bnlab; print(bnlab.__file__)"]
+        where = subprocess.run(probe, cwd=tree, env=env, capture_output=True, text=True).stdout
+        if not where.startswith(str(tree)):
+            print(f"error: bnlab is imported from {where.strip()!r}, not the copy", file=sys.stderr)
+            return False
+        print(f"baseline: {len(tests)} test paths on the unmutated copy ...", flush=True)
+        code = _pytest(tree, tests, env, timeout)
+    if code != 0:
+        print(f"error: the unmutated tests fail (pytest exit {code}); fix them first", file=sys.stderr)  # fmt: skip
+    return code == 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*", help="run only these mutants")
+    parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the unmutated run")
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per pytest run")
+    args = parser.parse_args(argv)
+    known = {m.name: m for m in MUTANTS}
+    unknown = [n for n in args.names if n not in known]
+    if unknown:
+        parser.error(f"names: unknown mutant(s) {unknown}; see --list")
+    chosen = [known[n] for n in args.names] if args.names else MUTANTS
+    if args.list:
+        for m in chosen:
+            print(f"{m.name:34} {m.path:34} {' '.join(m.tests)}")
+        return 0
+    problems = check_targets(chosen)
+    if problems:
+        print("stale mutants (the code changed; update them):", *problems, sep="\n  ", file=sys.stderr)  # fmt: skip
+        return 2
+    if not args.no_baseline and not baseline(chosen, args.timeout):
+        return 1
+    results = []
+    for i, mutant in enumerate(chosen, 1):
+        verdict, seconds = run_one(mutant, args.timeout)
+        results.append((mutant, verdict))
+        print(f"[{i:2}/{len(chosen)}] {verdict:8} {mutant.name:34} {seconds:6.1f} s  ({mutant.path})", flush=True)  # fmt: skip
+    caught = sum(v == "caught" for _, v in results)
+    print(f"\n{caught}/{len(results)} mutants caught")
+    for mutant, verdict in results:
+        if verdict != "caught":
+            print(f"  {verdict}: {mutant.name}: {mutant.path}: {mutant.old!r} -> {mutant.new!r}; tests {' '.join(mutant.tests)}")  # fmt: skip
+    return 0 if caught == len(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
