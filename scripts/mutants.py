@@ -4,8 +4,9 @@ Each mutant replaces one exact piece of source text by a wrong one (a sign flip,
 term, an off-by-one, a wrong momentum or bias correction) in a *copy* of ``src/`` and
 ``tests/`` made in a temporary directory; the working tree is never touched. The tests
 named for the mutant then run there (``pytest -x -q``, with ``PYTHONPATH`` pointing at
-the copy; a C++ mutant also gets its own kernel cache, ``BNLAB_CACHE_DIR``, and costs a
-rebuild of about a minute). A mutant is *caught* when those tests fail (pytest exit 1);
+the copy). The copy always has the same path and the kernels their own cache
+(``BNLAB_CACHE_DIR``) in that directory, so they are compiled once per run, never into the
+user's cache; a C++ mutant gets a cache of its own and costs a rebuild (about a minute). A mutant is *caught* when those tests fail (pytest exit 1);
 it *survived* when they pass. A mutant whose target text is not found exactly once is
 *stale* (the code moved on): the script says so and stops before running anything, so
 a stale mutant is never counted as caught. The unmutated copy must pass every chosen test
@@ -106,11 +107,9 @@ def _copy_tree(into: Path) -> None:
     shutil.copy2(ROOT / "pyproject.toml", into / "pyproject.toml")
 
 
-def _environment(tree: Path, cache: Path | None) -> dict[str, str]:
-    env = dict(os.environ, PYTHONPATH=str(tree / "src"), PYTHONDONTWRITEBYTECODE="1")
-    if cache is not None:
-        env["BNLAB_CACHE_DIR"] = str(cache)
-    return env
+def _environment(tree: Path, cache: Path) -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=str(tree / "src"), PYTHONDONTWRITEBYTECODE="1",
+                BNLAB_CACHE_DIR=str(cache))  # fmt: skip
 
 
 def _pytest(tree: Path, tests: tuple[str, ...], env: dict[str, str], timeout: float) -> int:
@@ -138,34 +137,37 @@ def check_targets(mutants: list[Mutant]) -> list[str]:
     return problems
 
 
-def run_one(mutant: Mutant, timeout: float) -> tuple[str, float]:
+def run_one(mutant: Mutant, workdir: Path, timeout: float) -> tuple[str, float]:
     """Apply ``mutant`` in a fresh copy and run its tests: 'caught', 'SURVIVED' or 'ERROR'."""
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix=f"bnlab-mutant-{mutant.name}-") as folder:
-        tree = Path(folder)
-        _copy_tree(tree)
-        target = tree / mutant.path
-        target.write_text(target.read_text().replace(mutant.old, mutant.new, 1))
-        env = _environment(tree, tree / "cache" if mutant.cpp else None)
-        code = _pytest(tree, mutant.tests, env, timeout)
+    tree = _fresh_tree(workdir)
+    target = tree / mutant.path
+    target.write_text(target.read_text().replace(mutant.old, mutant.new, 1))
+    cache = workdir / (f"cache-{mutant.name}" if mutant.cpp else "cache")
+    code = _pytest(tree, mutant.tests, _environment(tree, cache), timeout)
     verdict = {0: "SURVIVED", 1: "caught"}.get(code, "ERROR")
     return verdict, time.perf_counter() - started
 
 
-def baseline(mutants: list[Mutant], timeout: float) -> bool:
+def _fresh_tree(workdir: Path) -> Path:
+    tree = workdir / "tree"
+    shutil.rmtree(tree, ignore_errors=True)
+    _copy_tree(tree)
+    return tree
+
+
+def baseline(mutants: list[Mutant], workdir: Path, timeout: float) -> bool:
     """The unmutated copy: bnlab must be imported from it, and every chosen test must pass."""
     tests = tuple(sorted({t for m in mutants for t in m.tests}))
-    with tempfile.TemporaryDirectory(prefix="bnlab-mutant-baseline-") as folder:
-        tree = Path(folder)
-        _copy_tree(tree)
-        env = _environment(tree, None)
-        probe = [sys.executable, "-c", "import bnlab; print(bnlab.__file__)"]
-        where = subprocess.run(probe, cwd=tree, env=env, capture_output=True, text=True).stdout
-        if not where.startswith(str(tree)):
-            print(f"error: bnlab is imported from {where.strip()!r}, not the copy", file=sys.stderr)
-            return False
-        print(f"baseline: {len(tests)} test paths on the unmutated copy ...", flush=True)
-        code = _pytest(tree, tests, env, timeout)
+    tree = _fresh_tree(workdir)
+    env = _environment(tree, workdir / "cache")
+    probe = [sys.executable, "-c", "import bnlab; print(bnlab.__file__)"]
+    where = subprocess.run(probe, cwd=tree, env=env, capture_output=True, text=True).stdout
+    if not where.startswith(str(tree)):
+        print(f"error: bnlab is imported from {where.strip()!r}, not the copy", file=sys.stderr)
+        return False
+    print(f"baseline: {len(tests)} test paths on the unmutated copy ...", flush=True)
+    code = _pytest(tree, tests, env, timeout)
     if code != 0:
         print(f"error: the unmutated tests fail (pytest exit {code}); fix them first", file=sys.stderr)  # fmt: skip
     return code == 0
@@ -191,13 +193,15 @@ def main(argv: list[str] | None = None) -> int:
     if problems:
         print("stale mutants (the code changed; update them):", *problems, sep="\n  ", file=sys.stderr)  # fmt: skip
         return 2
-    if not args.no_baseline and not baseline(chosen, args.timeout):
-        return 1
     results = []
-    for i, mutant in enumerate(chosen, 1):
-        verdict, seconds = run_one(mutant, args.timeout)
-        results.append((mutant, verdict))
-        print(f"[{i:2}/{len(chosen)}] {verdict:8} {mutant.name:34} {seconds:6.1f} s  ({mutant.path})", flush=True)  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="bnlab-mutants-") as folder:
+        workdir = Path(folder)
+        if not args.no_baseline and not baseline(chosen, workdir, args.timeout):
+            return 1
+        for i, mutant in enumerate(chosen, 1):
+            verdict, seconds = run_one(mutant, workdir, args.timeout)
+            results.append((mutant, verdict))
+            print(f"[{i:2}/{len(chosen)}] {verdict:8} {mutant.name:34} {seconds:6.1f} s  ({mutant.path})", flush=True)  # fmt: skip
     caught = sum(v == "caught" for _, v in results)
     print(f"\n{caught}/{len(results)} mutants caught")
     for mutant, verdict in results:
