@@ -245,3 +245,33 @@ def test_repeated_calls_agree_with_reference(device):
         assert scaled_error(out.cpu(), want_out) <= 2e-5
         assert scaled_error(xl.grad.cpu(), want_dx) <= 1e-4
         assert scaled_error(wl.grad.cpu(), want_dw) <= 1e-3
+
+
+def test_int64_offsets_path(device, monkeypatch):
+    """Tensors of 2**31 elements and more take int64 offsets; forced here on a small one."""
+    from bnlab.kernels.cuda import plan
+
+    monkeypatch.setattr(plan, "WIDE_ELEMENTS", 0)
+    plan._make_plan.cache_clear()
+    try:
+        for layout in ("contiguous", "channels_last"):
+            x, res, dy, w, b = _inputs((3, 5, 3, 4), layout, torch.float32, "add_relu", True, device, seed=21)  # fmt: skip
+            assert plan.make_plan(plan.geometry(x)[1], x).wide
+            want_out, want_dx, *_ = _oracle(x.cpu(), w.cpu(), b.cpu(), res.cpu(), dy.cpu(), True, True)  # fmt: skip
+            xl = x.detach().clone().requires_grad_()
+            out = batch_norm(xl, None, None, w, b, True, residual=res, activation="relu")
+            out.backward(dy)
+            assert scaled_error(out.cpu(), want_out) <= 2e-5
+            assert scaled_error(xl.grad.cpu(), want_dx) <= 1e-4
+    finally:
+        plan._make_plan.cache_clear()
+
+
+def test_empty_batch_leaves_running_statistics(device):
+    x = torch.empty(0, 3, 2, 2, device=device)
+    rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
+    out, shift, mean_d, invstd, bad = ops.forward(x, None, None, None, rm, rv, True, 0.1, 1e-5, 0, 1, True)  # fmt: skip
+    assert out.shape == x.shape and shift.shape == mean_d.shape == invstd.shape == bad.shape == (3,)
+    assert torch.equal(rm.cpu(), torch.zeros(3)) and torch.equal(rv.cpu(), torch.ones(3))
+    dx, dw, db, _ = ops.backward(x, x, None, None, shift, mean_d, invstd, True, 0, [True, True, True, False])  # fmt: skip
+    assert dx.shape == x.shape and torch.equal(dw.cpu(), torch.zeros(3)) and torch.equal(db.cpu(), torch.zeros(3))  # fmt: skip

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 FIN_K = 64  # partials reduced per finalize step
+WIDE_ELEMENTS = 2**31 - 2**24  # from this many elements on, offsets are computed in int64
 UPD_BLOCK = 1024  # channels per step of the running-statistics update
 
 
@@ -128,7 +129,7 @@ def _make_plan(geo: Geometry, device: torch.device, element_size: int, numel: in
 
     per, chunks = split(4)
     apply_per, apply_chunks = split(8)
-    wide = numel >= 2**31 - 2**24
+    wide = numel >= WIDE_ELEMENTS
     warps = 4 if small or block_r * block_w <= 2048 else 8
     return Plan(geo.rows, geo.M, geo.C, geo.S, wide, block_r, block_w, block_c, sblocks, cblocks,
                 per, chunks, apply_per, apply_chunks, warps)  # fmt: skip
