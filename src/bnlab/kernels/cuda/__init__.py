@@ -89,7 +89,13 @@ def register(namespace: str = "bnlab", dispatch_key: str = "CUDA") -> bool:
     except (AttributeError, RuntimeError):
         return False
     library = torch.library.Library(namespace, "IMPL")
-    library.impl("batch_norm_forward", _forward_impl, dispatch_key)
-    library.impl("batch_norm_backward", _backward_impl, dispatch_key)
+    try:
+        library.impl("batch_norm_forward", _forward_impl, dispatch_key)
+        library.impl("batch_norm_backward", _backward_impl, dispatch_key)
+    except RuntimeError as error:  # another kernel already registered for that key
+        import warnings
+
+        warnings.warn(f"bnlab.kernels.cuda.register: {error}", RuntimeWarning, stacklevel=2)
+        return False
     _LIBRARIES[(namespace, dispatch_key)] = library
     return True
