@@ -26,6 +26,21 @@ def test_embedded_datasets(name, shape, classes, total):
     )
 
 
+def test_mnist1d_is_the_published_split():
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    published = make_dataset(get_dataset_args())
+    data = load_dataset("mnist1d")
+    assert (len(data.y_train), len(data.y_val), len(data.y_test)) == (3500, 500, 1000)
+    np.testing.assert_array_equal(data.y_test, published["y_test"])
+    held = np.concatenate([data.y_train, data.y_val])
+    assert sorted(held.tolist()) == sorted(published["y"].tolist())
+    # the test inputs are the published ones up to the standardization (an affine map)
+    raw, ours = published["x_test"].ravel(), data.x_test[:, 0].astype(np.float64).ravel()
+    slope, intercept = np.polyfit(raw, ours, 1)
+    np.testing.assert_allclose(slope * raw + intercept, ours, atol=1e-4)
+
+
 def test_splits_are_deterministic_and_disjoint():
     a, b = load_dataset("spirals"), load_dataset("spirals")
     np.testing.assert_array_equal(a.x_train, b.x_train)

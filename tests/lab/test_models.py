@@ -103,3 +103,43 @@ def test_other_norms(norm, kind):
     if norm == "ln":
         assert layer.num_groups == 1
     assert model(torch.randn(4, 1, 8, 8)).shape == (4, 10)
+
+
+def test_weights_are_drawn_identically_with_or_without_biases():
+    torch.manual_seed(3)
+    plain = mlp(10, (8, 8, 8), 3, norm="none")
+    torch.manual_seed(3)
+    with_bn = mlp(10, (8, 8, 8), 3, norm="bn")
+    weights = [[m.weight for m in model if isinstance(m, nn.Linear)] for model in (plain, with_bn)]
+    assert plain[1].bias is not None and with_bn[1].bias is None
+    for a, b in zip(*weights, strict=True):
+        assert torch.equal(a, b), "a bias must not shift the weights' random stream"
+    torch.manual_seed(3)
+    conv_plain = cnn((1, 12), 3, channels=(4, 8), hidden=8, norm="none")
+    torch.manual_seed(3)
+    conv_bn = cnn((1, 12), 3, channels=(4, 8), hidden=8, norm="bn")
+    conv_weights = [[p for p in m.parameters() if p.dim() > 1] for m in (conv_plain, conv_bn)]
+    for a, b in zip(*conv_weights, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_default_init_follows_torch_rule():
+    torch.manual_seed(0)
+    layer = mlp(400, (), 200)[1]
+    bound = 1 / 400**0.5
+    weight, bias = layer.weight.detach(), layer.bias.detach()
+    assert weight.abs().max() <= bound and weight.std().item() == pytest.approx(bound / 3**0.5, rel=0.03)  # fmt: skip
+    assert bias.abs().max() <= bound and bias.abs().max() > bound / 2
+
+
+def test_residual_mlp_and_resnet():
+    from bnlab.lab.models import residual_mlp, resnet
+
+    model = residual_mlp(10, 16, 3, 4, norm="bn")
+    assert model(torch.randn(5, 10)).shape == (5, 4)
+    assert sum(isinstance(m, bnn.BatchNorm1d) for m in model.modules()) == 1 + 2 * 3
+    net = resnet((3, 16, 16), 10, widths=(4, 8))
+    assert net(torch.randn(2, 3, 16, 16)).shape == (2, 10)
+    assert any(isinstance(m, bnn.BatchNorm2d) for m in net.modules())
+    with pytest.raises(ValueError, match="input_shape"):
+        resnet((3, 16), 10)

@@ -1,7 +1,8 @@
 """Datasets for the lab: embedded ones that need no download, and real files the user has.
 
 Embedded: ``digits`` (scikit-learn's 1,797 8×8 images, shipped with scikit-learn),
-``mnist1d`` (generated procedurally by the ``mnist1d`` package, fixed seed), and the
+``mnist1d`` (generated procedurally by the ``mnist1d`` package with its published arguments:
+the canonical 4,000 train / 1,000 test split, validation carved from the 4,000), and the
 synthetic ``spirals``. Real files: ``mnist`` (IDX, raw or .gz) and ``cifar10`` (python
 pickle batches) from ``data_dir``.
 
@@ -99,23 +100,21 @@ def _digits() -> Dataset:
     return _finish("digits", _split(bunch.images[:, None, :, :], bunch.target), 10)
 
 
-@functools.cache
-def _mnist1d(num_samples: int = 5000) -> Dataset:
-    import matplotlib
+MNIST1D_VAL = 500  # carved from the published 4,000 training examples
 
-    matplotlib.use("Agg")  # mnist1d imports pyplot
+
+@functools.cache
+def _mnist1d() -> Dataset:
+    """The published MNIST-1D (Greydanus 2020): 4,000 train / 1,000 test, 40 samples each."""
     from mnist1d.data import get_dataset_args, make_dataset
 
-    args = get_dataset_args()
-    args.num_samples = num_samples
     state = np.random.get_state()  # noqa: NPY002  (make_dataset reseeds the global generator)
     try:
-        raw = make_dataset(args)  # procedural generation; never the download path
+        raw = make_dataset(get_dataset_args())  # procedural generation; never the download path
     finally:
         np.random.set_state(state)  # noqa: NPY002
-    x = np.concatenate([raw["x"], raw["x_test"]])[:, None, :]
-    y = np.concatenate([raw["y"], raw["y_test"]])
-    return _finish("mnist1d", _split(x, y), 10)
+    split = _holdout(raw["x"][:, None, :], raw["y"], MNIST1D_VAL)
+    return _finish("mnist1d", (*split, raw["x_test"][:, None, :], raw["y_test"]), 10)
 
 
 @functools.cache

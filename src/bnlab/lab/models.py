@@ -2,6 +2,10 @@
 
 A layer followed directly by BN has no bias (BN's shift replaces it). ``impl='torch'``
 builds torch's BatchNorm instead of bnlab's, for comparison.
+
+Fair arms: every builder draws its weights from one generator and its biases from another,
+both seeded from torch's global generator before anything else, so the weights of a network
+are the same with or without biases (with or without BN) for the same ``torch.manual_seed``.
 """
 
 from __future__ import annotations
@@ -63,11 +67,22 @@ def set_bn_momentum(model: nn.Module, momentum: float | None) -> nn.Module:
     return model
 
 
-def init_weights(model: nn.Module, init: str, scale: float = 1.0) -> nn.Module:
-    """Initialize every Linear/Conv weight; biases to zero. ``normal`` uses std = ``scale``."""
+def init_weights(
+    model: nn.Module,
+    init: str,
+    scale: float = 1.0,
+    generators: tuple[torch.Generator, torch.Generator] | None = None,
+) -> nn.Module:
+    """Draw every Linear/Conv weight (and bias) of ``model`` in module order.
+
+    'default' is torch's own rule (weights and biases U(±1/√fan_in)); the others set biases
+    to zero; ``normal`` uses std = ``scale``. ``generators`` = (weights, biases); by default
+    both are seeded from the global generator, so weights never depend on whether biases exist.
+    """
     _check_choice("init", init, INITS)
-    if init == "default":
-        return model
+    if generators is None:
+        generators = fair_generators()
+    weights_gen, bias_gen = generators
     for module in model.modules():
         if not isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
             continue
@@ -75,26 +90,37 @@ def init_weights(model: nn.Module, init: str, scale: float = 1.0) -> nn.Module:
         fan_out, fan_in = weight.shape[0], weight[0].numel()
         fan_out *= weight[0, 0].numel()
         with torch.no_grad():
+            if init == "default":
+                bound = 1.0 / math.sqrt(fan_in)
+                weight.uniform_(-bound, bound, generator=weights_gen)
+                if module.bias is not None:
+                    module.bias.uniform_(-bound, bound, generator=bias_gen)
+                continue
             if init == "normal":
-                weight.normal_(0.0, scale)
+                weight.normal_(0.0, scale, generator=weights_gen)
             elif init == "zeros":
                 weight.zero_()
             elif init.startswith("glorot"):
-                std = scale * math.sqrt(2.0 / (fan_in + fan_out))
-                _fill(weight, init, std)
+                _fill(weight, init, scale * math.sqrt(2.0 / (fan_in + fan_out)), weights_gen)
             else:
-                _fill(weight, init, scale * math.sqrt(2.0 / fan_in))
+                _fill(weight, init, scale * math.sqrt(2.0 / fan_in), weights_gen)
             if module.bias is not None:
                 module.bias.zero_()
     return model
 
 
-def _fill(weight: torch.Tensor, init: str, std: float) -> None:
+def fair_generators() -> tuple[torch.Generator, torch.Generator]:
+    """Two generators (weights, biases) seeded by two draws of torch's global generator."""
+    weight_seed, bias_seed = torch.randint(0, 2**62, (2,)).tolist()
+    return torch.Generator().manual_seed(weight_seed), torch.Generator().manual_seed(bias_seed)
+
+
+def _fill(weight: torch.Tensor, init: str, std: float, generator: torch.Generator) -> None:
     if init.endswith("normal"):
-        weight.normal_(0.0, std)
+        weight.normal_(0.0, std, generator=generator)
     else:  # a uniform distribution with the same standard deviation
         bound = math.sqrt(3.0) * std
-        weight.uniform_(-bound, bound)
+        weight.uniform_(-bound, bound, generator=generator)
 
 
 @dataclass(frozen=True)
@@ -145,13 +171,14 @@ def mlp(
     norm_options.
     """
     spec = BlockSpec(**block)
+    generators = fair_generators()  # drawn first: the same stream with or without biases
     layers: list[nn.Module] = [nn.Flatten()]
     width = in_features
     for out in hidden:
         layers += spec.block(nn.Linear(width, out, bias=spec.layer_bias), out, 0)
         width = out
     layers.append(nn.Linear(width, num_classes))
-    return init_weights(nn.Sequential(*layers), init, init_scale)
+    return init_weights(nn.Sequential(*layers), init, init_scale, generators)
 
 
 def cnn(
@@ -170,6 +197,7 @@ def cnn(
     :func:`mlp`.
     """
     spec = BlockSpec(**block)
+    generators = fair_generators()
     spatial_dims = len(input_shape) - 1
     if spatial_dims not in (1, 2):
         raise ValueError(f"input_shape: expected (C, L) or (C, H, W), got {tuple(input_shape)}")
@@ -187,4 +215,72 @@ def cnn(
     features = width * math.prod(size)
     layers += spec.block(nn.Linear(features, hidden, bias=spec.layer_bias), hidden, 0)
     layers.append(nn.Linear(hidden, num_classes))
-    return init_weights(nn.Sequential(*layers), init, init_scale)
+    return init_weights(nn.Sequential(*layers), init, init_scale, generators)
+
+
+class ResidualBlock(nn.Module):
+    """relu(x + norm₂(W₂ relu(norm₁(W₁ x)))): the post-activation ResNet block, for vectors
+    (``spatial_dims=0``, Linear) or images (2, 3×3 convolutions)."""
+
+    def __init__(self, width: int, norm: str, impl: str, spatial_dims: int = 0) -> None:
+        super().__init__()
+        bias = norm == "none"
+        if spatial_dims == 0:
+            self.layer1, self.layer2 = (nn.Linear(width, width, bias=bias) for _ in range(2))
+        else:
+            self.layer1, self.layer2 = (
+                nn.Conv2d(width, width, 3, padding=1, bias=bias) for _ in range(2)
+            )
+        self.norm1 = make_norm(norm, width, spatial_dims, impl)
+        self.norm2 = make_norm(norm, width, spatial_dims, impl)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        branch = self.norm2(self.layer2(torch.relu(self.norm1(self.layer1(x)))))
+        return torch.relu(x + branch)
+
+
+def residual_mlp(
+    in_features: int,
+    width: int,
+    blocks: int,
+    num_classes: int,
+    *,
+    norm: str = "none",
+    init: str = "default",
+    impl: str = "bnlab",
+) -> nn.Sequential:
+    """Flatten -> Linear stem (+ norm, ReLU) -> ``blocks`` residual blocks -> Linear to logits."""
+    generators = fair_generators()
+    layers: list[nn.Module] = [nn.Flatten(), nn.Linear(in_features, width, bias=norm == "none")]
+    layers += [make_norm(norm, width, 0, impl), nn.ReLU()]
+    layers += [ResidualBlock(width, norm, impl) for _ in range(blocks)]
+    layers.append(nn.Linear(width, num_classes))
+    model = nn.Sequential(*[m for m in layers if not isinstance(m, nn.Identity)])
+    return init_weights(model, init, 1.0, generators)
+
+
+def resnet(
+    input_shape: Sequence[int],
+    num_classes: int,
+    *,
+    widths: Sequence[int] = (16, 32, 64),
+    norm: str = "bn",
+    init: str = "default",
+    impl: str = "bnlab",
+) -> nn.Sequential:
+    """A small ResNet for images (C, H, W): conv stem, one residual block per width with a
+    stride-2 conv between widths, global average pooling, a linear head."""
+    if len(input_shape) != 3:
+        raise ValueError(f"input_shape: expected (C, H, W), got {tuple(input_shape)}")
+    generators = fair_generators()
+    bias = norm == "none"
+    layers: list[nn.Module] = [nn.Conv2d(input_shape[0], widths[0], 3, padding=1, bias=bias)]
+    layers += [make_norm(norm, widths[0], 2, impl), nn.ReLU()]
+    for index, width in enumerate(widths):
+        if index > 0:
+            layers += [nn.Conv2d(widths[index - 1], width, 3, stride=2, padding=1, bias=bias)]
+            layers += [make_norm(norm, width, 2, impl), nn.ReLU()]
+        layers.append(ResidualBlock(width, norm, impl, spatial_dims=2))
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(widths[-1], num_classes)]
+    model = nn.Sequential(*[m for m in layers if not isinstance(m, nn.Identity)])
+    return init_weights(model, init, 1.0, generators)

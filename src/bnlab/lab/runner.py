@@ -1,14 +1,16 @@
 """Run an experiment into ``runs/<experiment>/<timestamp>/``: config.json, metrics.json,
-log.txt and PNG plots, every file written atomically.
+log.txt, PNG figures and their captions, every file written atomically.
 
 A run is finished when its ``metrics.json`` exists. Ctrl-C ends the run with its config and
 log on disk (the log says it was interrupted) and no metrics: nothing is half-written.
+The runtime excludes the one-off compilation of bnlab's kernels (done before the clock starts).
+Experiments run on one torch thread by default: their tensors are small, and on a shared
+machine a second thread mostly waits (and one thread makes the numbers reproducible).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import platform
 import time
 from collections.abc import Callable
@@ -19,13 +21,11 @@ import torch
 
 import bnlab
 from bnlab.files import atomic_write_json, atomic_write_text
-from bnlab.lab.experiments import REGISTRY, Context
+from bnlab.lab.experiments import Context
+from bnlab.lab.plots import render_plots
+from bnlab.lab.runs import get_experiment, latest_runs, load_run
 
-
-def get_experiment(name: str):
-    if name not in REGISTRY:
-        raise ValueError(f"experiment: expected one of {sorted(REGISTRY)}, got {name!r}")
-    return REGISTRY[name]
+__all__ = ["get_experiment", "latest_runs", "load_run", "new_run_dir", "run_experiment"]
 
 
 def new_run_dir(root: str | Path, name: str) -> Path:
@@ -43,6 +43,17 @@ def new_run_dir(root: str | Path, name: str) -> Path:
     raise RuntimeError(f"{base}: could not create a fresh run directory")
 
 
+def warm_up_kernels() -> float:
+    """Seconds spent loading (or compiling) bnlab's kernels, by one tiny forward/backward."""
+    from bnlab import nn as bnn
+
+    started = time.perf_counter()
+    with torch.random.fork_rng():
+        for layer, shape in ((bnn.BatchNorm1d(2), (4, 2)), (bnn.BatchNorm2d(2), (4, 2, 3, 3))):
+            layer(torch.randn(shape, requires_grad=True)).sum().backward()
+    return time.perf_counter() - started
+
+
 def run_experiment(
     name: str,
     *,
@@ -50,19 +61,32 @@ def run_experiment(
     root: str | Path = "runs",
     progress: bool = True,
     echo: Callable[[str], None] | None = print,
+    threads: int | None = 1,
     **overrides,
 ) -> Path:
-    """Run one experiment and save everything; returns the run directory."""
-    from bnlab.lab.report import render_plots
+    """Run one experiment and save everything; returns the run directory.
 
+    ``threads``: torch intra-op threads during the run (restored after); None leaves them.
+    """
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _run(name, quick, root, progress, echo, overrides)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run(name, quick, root, progress, echo, overrides) -> Path:
     experiment = get_experiment(name)
     config = experiment.make_config(quick=quick, **overrides)
+    mode = "quick" if quick else "full"
     run_dir = new_run_dir(root, name)
     atomic_write_json(
         run_dir / "config.json",
         {
             "experiment": name,
-            "mode": "quick" if quick else "full",
+            "mode": mode,
             "config": dataclasses.asdict(config),
             "claim": experiment.claim,
             "versions": {
@@ -73,7 +97,8 @@ def run_experiment(
         },
     )
     ctx = Context(progress=progress, echo=echo)
-    ctx.log(f"{name} ({'quick' if quick else 'full'}) -> {run_dir}")
+    ctx.log(f"{name} ({mode}) -> {run_dir}")
+    warm_up = warm_up_kernels() if config.impl == "bnlab" else 0.0
     started = time.perf_counter()
     try:
         metrics = experiment.run(config, ctx)
@@ -84,38 +109,23 @@ def run_experiment(
     seconds = time.perf_counter() - started
     verdict = experiment.verdict(metrics)
     ctx.log(f"claim: {experiment.claim}")
-    ctx.log(f"verdict: {verdict.label}: {verdict.summary}")
-    ctx.log(f"runtime: {seconds:.1f} s")
+    ctx.log(f"verdict: {verdict.label_in(mode)}: {verdict.summary}")
+    ctx.log(f"runtime: {seconds:.1f} s (kernel loading before it: {warm_up:.1f} s)")
     atomic_write_json(
         run_dir / "metrics.json",
         {
             "metrics": metrics,
-            "verdict": {"supported": verdict.supported, "summary": verdict.summary},
+            "data": ctx.datasets,
+            "verdict": {
+                "supported": verdict.supported,
+                "label": verdict.label_in(mode),
+                "summary": verdict.summary,
+                "findings": [f.as_dict() for f in verdict.findings],
+            },
             "runtime_seconds": seconds,
+            "kernel_warm_up_seconds": warm_up,
         },
     )
     render_plots(run_dir)
     atomic_write_text(run_dir / "log.txt", "\n".join(ctx.lines) + "\n")
     return run_dir
-
-
-def load_run(run_dir: str | Path) -> tuple[dict, dict | None]:
-    """``(config, metrics)`` of a run directory; ``metrics`` is None for an unfinished run."""
-    run_dir = Path(run_dir)
-    config_path = run_dir / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{run_dir}: not a bnlab run directory (no config.json)")
-    config = json.loads(config_path.read_text())
-    metrics_path = run_dir / "metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else None
-    return config, metrics
-
-
-def latest_runs(root: str | Path = "runs") -> list[Path]:
-    """The newest finished run of every experiment under ``root``."""
-    found = []
-    for experiment_dir in sorted(Path(root).glob("*/")):
-        finished = sorted(p.parent for p in experiment_dir.glob("*/metrics.json"))
-        if finished:
-            found.append(finished[-1])
-    return found

@@ -175,3 +175,26 @@ def train(
     if config.patience is not None and best[1] is not None:
         model.load_state_dict(best[1])  # early stopping restores the best weights
     return history
+
+
+@torch.no_grad()
+def correct(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024
+) -> list[int]:
+    """Per-example 0/1 correctness of ``model`` in eval mode (for bootstrap over examples)."""
+    was_training = model.training
+    model.eval()
+    hits = [
+        (model(x[s : s + batch_size]).argmax(1) == y[s : s + batch_size]).int()
+        for s in range(0, len(y), batch_size)
+    ]
+    model.train(was_training)
+    return torch.cat(hits).tolist()
+
+
+def steps_to_reach(eval_steps, values, target: float) -> float:
+    """The first evaluation step whose value reaches ``target`` (inf if never)."""
+    for step, value in zip(eval_steps, values, strict=True):
+        if value >= target:
+            return float(step)
+    return float("inf")

@@ -9,6 +9,7 @@ from bnlab.lab.experiments import (  # noqa: F401  (registers)
     input_normalization,
     loss_landscape,
     lr_sweep,
+    mnist1d_sanity,
     mnist_cnn,
     momentum,
     placement,

@@ -1,46 +1,102 @@
-"""What an experiment is: a claim, a config dataclass, a run function returning metrics,
-a verdict computed from those metrics, and plots drawn from them (never during the run)."""
+"""The experiment template: a claim with its source, a config dataclass, a run function
+returning metrics, a verdict computed from them (one finding per sub-claim) and captioned
+figures drawn from them (never during the run).
+
+An experiment module is::
+
+    @dataclass
+    class MyConfig(ExperimentConfig): ...           # full mode's values are the defaults
+
+    def run(config, ctx) -> dict: ...               # data = load_data(config, ctx)
+    def verdict(metrics) -> Verdict: ...            # Verdict.of([Finding(...), ...])
+    def plot(metrics) -> dict: ...                  # {"key": (figure, "caption")}
+
+    EXPERIMENT = define("name", MyConfig, run, verdict, plot, claim=..., source=...,
+                        setup=..., quick={...}, full_runtime=...)
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from bnlab.lab.stats import label as verdict_label
+
 REGISTRY: dict[str, Experiment] = {}
+ARMS = ("baseline", "bn")
 
 
 @dataclass
 class ExperimentConfig:
-    """Fields every experiment's config has: data source, seeds, BatchNorm implementation."""
+    """Fields every experiment's config has: data source, seeds, BatchNorm implementation.
 
-    data: str = "digits"
+    ``impl='identity'`` replaces every BatchNorm by the identity: a deliberately broken
+    variant that the tests use to show a verdict can flip.
+    """
+
+    data: str = "mnist1d"
     data_dir: str | None = None
     seed: int = 0
-    num_seeds: int = 3
+    num_seeds: int = 5
     impl: str = "bnlab"
 
 
 @dataclass(frozen=True)
+class Finding:
+    """One sub-claim: whether it holds, the numbers (with intervals), and the rule used."""
+
+    claim: str
+    supported: bool | None
+    result: str
+    rule: str
+    sensitivity: str = ""
+    context: bool = False  # reported beside the claim, outside the regime it is about
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
 class Verdict:
-    """Whether the measured numbers support the claim (``None``: not measurable here)."""
+    """Whether the measured numbers support the claim (``None``: undecided here)."""
 
     supported: bool | None
     summary: str
+    findings: tuple[Finding, ...] = ()
+
+    @classmethod
+    def of(cls, findings: Sequence[Finding], note: str = "") -> Verdict:
+        """All sub-claims supported → supported; any refuted → not supported; else undecided."""
+        values = [f.supported for f in findings if not f.context]
+        if values and all(v is True for v in values):
+            supported: bool | None = True
+        elif any(v is False for v in values):
+            supported = False
+        else:
+            supported = None
+        parts = [f"{f.claim}: {'context' if f.context else verdict_label(f.supported)} — {f.result}" for f in findings]  # fmt: skip
+        summary = " ".join(p if p.endswith(".") else p + "." for p in parts)
+        return cls(supported, (summary + (" " + note if note else "")).strip(), tuple(findings))
 
     @property
     def label(self) -> str:
-        return {True: "supported", False: "not supported", None: "inconclusive"}[self.supported]
+        return verdict_label(self.supported)
+
+    def label_in(self, mode: str) -> str:
+        """The label, saying 'inconclusive in quick mode' where quick mode cannot decide."""
+        return "inconclusive in quick mode" if mode == "quick" and self.supported is None else self.label  # fmt: skip
 
 
 @dataclass
 class Context:
-    """What a running experiment may use: a logger and whether to show progress bars."""
+    """What a running experiment may use: a logger, progress bars, the data it used."""
 
     progress: bool = True
     lines: list[str] = field(default_factory=list)
     echo: Callable[[str], None] | None = print
+    datasets: list[str] = field(default_factory=list)
 
     def log(self, message: str) -> None:
         self.lines.append(message)
@@ -50,7 +106,8 @@ class Context:
 
 @dataclass(frozen=True)
 class Experiment:
-    """A registered experiment. ``quick`` overrides the config for a CPU-minutes run."""
+    """A registered experiment. ``quick`` overrides the config for a CPU-minutes run;
+    ``setup`` is a paragraph formatted with the config's fields."""
 
     name: str
     claim: str
@@ -60,6 +117,8 @@ class Experiment:
     plot: Callable[[dict], dict[str, Any]]
     quick: dict[str, Any]
     full_runtime: str
+    source: str = ""
+    setup: str = ""
 
     def make_config(self, quick: bool = True, **overrides: Any):
         """The config for quick or full mode, with ``overrides`` (unknown keys are an error)."""
@@ -72,6 +131,13 @@ class Experiment:
         values = {**(self.quick if quick else {}), **overrides}
         return self.config_cls(**values)
 
+    def describe_setup(self, config: dict) -> str:
+        """The setup paragraph for a saved config (a dict of its fields)."""
+        try:
+            return self.setup.format(**config)
+        except (KeyError, IndexError, ValueError):
+            return self.setup
+
 
 def register(experiment: Experiment) -> Experiment:
     if experiment.name in REGISTRY:
@@ -80,8 +146,43 @@ def register(experiment: Experiment) -> Experiment:
     return experiment
 
 
+def define(name: str, config_cls: type, run, verdict, plot, **fields: Any) -> Experiment:
+    """Build and register an :class:`Experiment` (the last line of every experiment module)."""
+    return register(Experiment(name=name, config_cls=config_cls, run=run, verdict=verdict, plot=plot, **fields))  # fmt: skip
+
+
 def seeds(base: int, count: int) -> list[int]:
     return list(range(base, base + count))
+
+
+def norm_of(arm: str, impl: str) -> tuple[str, str]:
+    """(norm, impl) for an arm: 'baseline' has none; ``impl='identity'`` breaks BN on purpose."""
+    if arm == "baseline" or impl == "identity":
+        return "none", "bnlab"
+    return "bn", impl
+
+
+def load_data(config: ExperimentConfig, ctx: Context, **options: Any):
+    """The config's dataset, logged and recorded in the run's metrics."""
+    from bnlab.lab.data import load_dataset
+
+    data = load_dataset(config.data, config.data_dir, **options)
+    description = data.describe()
+    if description not in ctx.datasets:
+        ctx.datasets.append(description)
+        ctx.log(description)
+    return data
+
+
+def figure(ncols: int = 1, nrows: int = 1, figsize: tuple[float, float] = (6, 4), **options: Any):
+    """``(figure, axes)`` drawn by the Agg canvas directly: no pyplot, no global backend."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, **options)
+    return fig, axes
 
 
 def speedup_phrase(ratio: float, unit: str) -> str:

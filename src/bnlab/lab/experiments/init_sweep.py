@@ -12,10 +12,10 @@ from tqdm.auto import tqdm
 from bnlab.lab.data import load_dataset
 from bnlab.lab.experiments.base import (
     Context,
-    Experiment,
     ExperimentConfig,
     Verdict,
-    register,
+    define,
+    figure,
     seeds,
 )
 from bnlab.lab.models import mlp
@@ -117,9 +117,7 @@ def verdict(metrics: dict) -> Verdict:
 
 
 def plot(metrics: dict) -> dict:
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = figure(3, 1, (15, 4))
     scales = metrics["scales"]
     for key, ax in zip(("train_acc", "val_acc", "train_loss"), axes, strict=True):
         for arm, color in zip(ARMS, ("tab:gray", "tab:blue"), strict=True):
@@ -133,19 +131,24 @@ def plot(metrics: dict) -> dict:
         ax.set(xlabel="weight initialization scale", title=key.replace("_", " "))
         ax.legend()
     axes[2].set_yscale("log")
-    return {"init_sweep": fig}
+    return {
+        "init_sweep": (
+            fig,
+            "Final train accuracy, validation accuracy and train loss against the weight-initialization scale (log axis); line: median over seeds, band: min–max over seeds.",
+        )
+    }
 
 
-EXPERIMENT = register(
-    Experiment(
-        name="init-sweep",
-        claim="BN trains well over a much wider range of weight-initialization scales than the "
-        "same network without it.",
-        config_cls=InitSweepConfig,
-        run=run,
-        verdict=verdict,
-        plot=plot,
-        quick={"steps": 200, "num_seeds": 1},
-        full_runtime="about 7 minutes on 2 cores (3 seeds × 2 arms × 20 scales × 600 steps)",
-    )
+EXPERIMENT = define(
+    name="init-sweep",
+    claim="BN trains well over a much wider range of weight-initialization scales than the "
+    "same network without it.",
+    config_cls=InitSweepConfig,
+    run=run,
+    verdict=verdict,
+    plot=plot,
+    quick={"steps": 200, "num_seeds": 1},
+    full_runtime="about 7 minutes on 2 cores (3 seeds × 2 arms × 20 scales × 600 steps)",
+    source="Ioffe & Szegedy 2015 §3.3 (BN makes training robust to the parameter scale)",
+    setup="MLP {hidden} ReLU, weights N(0, scale²) for {num_scales} scales from {min_scale:g} to {max_scale:g}, Adam lr {lr}, batch {batch_size}, {steps} steps, {num_seeds} seeds, at most {max_train} training examples of {data}.",
 )

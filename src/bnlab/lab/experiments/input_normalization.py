@@ -1,5 +1,11 @@
 """Gradient descent on a two-parameter least-squares problem with raw, standardized and whitened
-inputs: the loss contours, the trajectories (the zig-zag) and the steps to converge."""
+inputs: the loss contours, the trajectories (the zig-zag), the steps to converge and the
+condition number of the Hessian that decides them.
+
+Standardizing rescales and centres each feature but keeps their correlation ρ: the Hessian
+of standardized inputs is [[1, ρ], [ρ, 1]] with condition number (1 + ρ)/(1 − ρ) (≈ 39 at
+ρ = 0.95), so the zig-zag remains. Only whitening (decorrelation) makes it 1.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +13,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from bnlab.lab import stats
 from bnlab.lab.experiments.base import (
     Context,
-    Experiment,
     ExperimentConfig,
+    Finding,
     Verdict,
-    register,
+    define,
+    figure,
     seeds,
 )
 
@@ -37,7 +45,8 @@ def make_problem(seed: int, samples: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def transform(x: np.ndarray, variant: str) -> np.ndarray:
-    if variant == "raw":
+    """The inputs as ``variant`` says: raw, standardized (per feature) or ZCA-whitened."""
+    if variant in ("raw", "broken"):
         return x
     centred = x - x.mean(0)
     if variant == "standardized":
@@ -74,28 +83,57 @@ def run(config: InputNormalizationConfig, ctx: Context) -> dict:
     for seed in seeds(config.seed, config.num_seeds):
         x, y = make_problem(seed, config.samples)
         for variant in VARIANTS:
-            result = descend(transform(x, variant), y, config)
+            # impl='identity' is the deliberately broken variant: normalization does nothing
+            applied = "broken" if config.impl == "identity" else variant
+            result = descend(transform(x, applied), y, config)
             metrics["variants"][variant].append(result)
             ctx.log(f"seed {seed} {variant:12}: condition number {result['condition']:.3g}, {result['steps']} steps")  # fmt: skip
     return metrics
 
 
+def _interval(metrics: dict, variant: str, key: str, log: bool = True) -> stats.Interval:
+    values = np.array([r[key] for r in metrics["variants"][variant]], dtype=float)
+    interval = stats.mean_ci(np.log10(values) if log else values)
+    return stats.Interval(*(10**v for v in (interval.estimate, interval.low, interval.high))) if log else interval  # fmt: skip
+
+
 def verdict(metrics: dict) -> Verdict:
-    steps = {v: float(np.median([r["steps"] for r in runs])) for v, runs in metrics["variants"].items()}  # fmt: skip
-    capped = " (hit the step limit)" if steps["raw"] >= metrics["max_steps"] else ""
-    summary = (
-        f"Steps to converge (median over seeds): raw {steps['raw']:.0f}{capped}, standardized "
-        f"{steps['standardized']:.0f}, whitened {steps['whitened']:.0f}. Supported needs "
-        "standardized inputs to converge at least 10× faster than raw, and whitened ones no slower."
+    steps = {v: _interval(metrics, v, "steps") for v in VARIANTS}
+    cond = {v: _interval(metrics, v, "condition") for v in VARIANTS}
+    raw = np.log10([r["steps"] for r in metrics["variants"]["raw"]])
+    ratio_log = stats.mean_ci(raw - np.log10([r["steps"] for r in metrics["variants"]["standardized"]]))  # fmt: skip
+    ratio = stats.Interval(*(10**v for v in (ratio_log.estimate, ratio_log.low, ratio_log.high)))
+    capped = " (raw hit the step limit)" if max(r["steps"] for r in metrics["variants"]["raw"]) >= metrics["max_steps"] else ""  # fmt: skip
+
+    def above(interval, threshold):
+        return True if interval.low > threshold else False if interval.high < threshold else None
+
+    def below(interval, threshold):
+        return True if interval.high < threshold else False if interval.low > threshold else None
+
+    def numbers(v):
+        return f"{v}: {steps[v].format('.0f')} steps, condition number {cond[v].format('.3g')}"
+
+    findings = [
+        Finding("standardized inputs converge ≥ 10× faster than raw ones", above(ratio, 10),
+                f"raw / standardized steps {ratio.format('.3g')}×{capped}; {numbers('raw')}; {numbers('standardized')}",
+                "geometric mean over seeds; supported if the interval's lower end exceeds 10×, refuted if its upper end is below",
+                stats.sensitivity(lambda t: above(ratio, t), 10, (3, 30), lambda t: f"{t:g}×")),
+        Finding("standardizing removes the zig-zag (condition number below 2)", below(cond["standardized"], 2),
+                f"{numbers('standardized')} — standardizing keeps the features' correlation",
+                "supported if the condition number's interval lies below 2, refuted if above",
+                stats.sensitivity(lambda t: below(cond["standardized"], t), 2, (1.5, 5), lambda t: f"{t:g}")),
+        Finding("whitening removes the zig-zag (condition number below 2)", below(cond["whitened"], 2),
+                numbers("whitened"), "supported if the condition number's interval lies below 2, refuted if above",
+                stats.sensitivity(lambda t: below(cond["whitened"], t), 2, (1.5, 5), lambda t: f"{t:g}")),
+    ]  # fmt: skip
+    return Verdict.of(
+        findings, "Standardizing is what BN does per feature; it does not decorrelate."
     )
-    supported = steps["raw"] >= 10 * steps["standardized"] and steps["whitened"] <= steps["standardized"]  # fmt: skip
-    return Verdict(bool(supported), summary)
 
 
 def plot(metrics: dict) -> dict:
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    fig, axes = figure(3, 1, (15, 4.5))
     for ax, variant in zip(axes, VARIANTS, strict=True):
         run = metrics["variants"][variant][0]
         path, optimum = np.array(run["path"]), np.array(run["optimum_w"])
@@ -114,19 +152,20 @@ def plot(metrics: dict) -> dict:
         ax.plot(*optimum, "k*", markersize=10)
         ax.set_aspect("equal")
         ax.set(title=f"{variant}: {run['steps']} steps (condition {run['condition']:.3g})", xlabel="w1", ylabel="w2")  # fmt: skip
-    return {"trajectories": fig}
+    caption = ("Loss contours (log of the excess loss, first seed) and the first 30 gradient-descent "
+               "steps (red) from w = 0 with step 2/(λmax + λmin); the star is the optimum. Equal axes: "
+               "round contours mean condition number 1.")  # fmt: skip
+    return {"trajectories": (fig, caption)}
 
 
-EXPERIMENT = register(
-    Experiment(
-        name="input-normalization",
-        claim="Standardizing (and whitening) the inputs removes gradient descent's zig-zag: it "
-        "converges in far fewer steps than on raw inputs.",
-        config_cls=InputNormalizationConfig,
-        run=run,
-        verdict=verdict,
-        plot=plot,
-        quick={"num_seeds": 1},
-        full_runtime="a few seconds (3 seeds × 3 input variants)",
-    )
-)
+EXPERIMENT = define(
+    "input-normalization", InputNormalizationConfig, run, verdict, plot,
+    claim="Standardizing the inputs makes gradient descent converge far faster than on raw "
+    "inputs, and (with whitening) removes its zig-zag.",
+    source="LeCun et al. 1998, 'Efficient BackProp' §4.3; Ioffe & Szegedy 2015 §2 (whitening vs per-feature normalization)",
+    setup="Least squares with two features x1 = 5 + 3z, x2 = 1 + 0.3z + 0.1ε ({samples} samples, "
+    "{num_seeds} seeds); full-batch gradient descent from w = 0 with the optimal fixed step "
+    "2/(λmax + λmin) until the excess loss is below {tolerance:g} of the optimum (at most {max_steps} steps).",
+    quick={"num_seeds": 3},
+    full_runtime="a few seconds (5 seeds × 3 input variants)",
+)  # fmt: skip

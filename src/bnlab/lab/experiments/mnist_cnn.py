@@ -12,16 +12,15 @@ import torch
 from bnlab.lab.data import load_dataset
 from bnlab.lab.experiments.base import (
     Context,
-    Experiment,
     ExperimentConfig,
     Verdict,
-    register,
+    define,
+    figure,
     seeds,
     speedup_phrase,
 )
-from bnlab.lab.experiments.convergence import steps_to_reach
 from bnlab.lab.models import cnn
-from bnlab.lab.train import TrainConfig, evaluate, train
+from bnlab.lab.train import TrainConfig, evaluate, steps_to_reach, train
 
 ARMS = ("baseline", "bn")
 
@@ -116,9 +115,7 @@ def verdict(metrics: dict) -> Verdict:
 
 
 def plot(metrics: dict) -> dict:
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = figure(2, 1, (11, 4))
     for arm, color in zip(ARMS, ("tab:gray", "tab:blue"), strict=True):
         for i, r in enumerate(metrics["arms"][arm]):
             label = arm if i == 0 else None
@@ -134,20 +131,25 @@ def plot(metrics: dict) -> dict:
     axes[1].set(xlabel="epoch", ylabel="validation accuracy")
     for ax in axes:
         ax.legend()
-    return {"loss_curves": fig}
+    return {
+        "loss_curves": (
+            fig,
+            "Left: training (dashed) and validation (solid) loss per epoch, one line per seed. Right: validation accuracy per epoch.",
+        )
+    }
 
 
-EXPERIMENT = register(
-    Experiment(
-        name="mnist-cnn",
-        claim="With BN, the CNN (dropout after BN, SGD with weight decay, early stopping) reaches "
-        "the baseline's best validation loss in fewer epochs, with test accuracy at least as high.",
-        config_cls=MnistCnnConfig,
-        run=run,
-        verdict=verdict,
-        plot=plot,
-        quick={"epochs": 12, "num_seeds": 1},
-        full_runtime="about 30 seconds on 2 cores on the embedded digits (3 seeds × 2 arms × ≤ 40 "
-        "epochs with early stopping); tens of minutes on real MNIST",
-    )
+EXPERIMENT = define(
+    name="mnist-cnn",
+    claim="With BN, the CNN (dropout after BN, SGD with weight decay, early stopping) reaches "
+    "the baseline's best validation loss in fewer epochs, with test accuracy at least as high.",
+    config_cls=MnistCnnConfig,
+    run=run,
+    verdict=verdict,
+    plot=plot,
+    quick={"epochs": 12, "num_seeds": 1},
+    full_runtime="about 30 seconds on 2 cores on the embedded digits (3 seeds × 2 arms × ≤ 40 "
+    "epochs with early stopping); tens of minutes on real MNIST",
+    source="the seeds' MNIST recipe (conv-BN-ReLU, dropout after BN, SGD with weight decay, early stopping)",
+    setup="CNN with channels {channels} and a hidden layer of {hidden}, dropout {dropout}, SGD lr {lr} momentum {momentum} weight decay {weight_decay}, batch {batch_size}, at most {epochs} epochs with early stopping (patience {patience}), {num_seeds} seeds, data {data}.",
 )

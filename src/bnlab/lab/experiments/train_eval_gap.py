@@ -15,10 +15,10 @@ from bnlab.inference import is_batchnorm, recalibrate
 from bnlab.lab.data import load_dataset
 from bnlab.lab.experiments.base import (
     Context,
-    Experiment,
     ExperimentConfig,
     Verdict,
-    register,
+    define,
+    figure,
     seeds,
 )
 from bnlab.lab.models import mlp, set_bn_momentum
@@ -36,19 +36,24 @@ class TrainEvalGapConfig(ExperimentConfig):
     recalibration_batch_size: int = 64
 
 
-def batch_statistics_accuracy(model, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
-    """Accuracy with every BN normalizing by the statistics of its evaluation batch (train
-    mode), on a copy so that no running statistic moves; dropout stays off."""
+def batch_statistics_correct(model, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> list[int]:
+    """Per-example 0/1 correctness with every BN normalizing by the statistics of its
+    evaluation batch (train mode), on a copy so that no running statistic moves; dropout off."""
     probe = copy.deepcopy(model).eval()
     for module in probe.modules():
         if is_batchnorm(module):
             module.train()
-    correct = 0
+    hits = []
     with torch.no_grad():
         for start in range(0, len(y), batch_size):
             logits = probe(x[start : start + batch_size])
-            correct += (logits.argmax(1) == y[start : start + batch_size]).sum().item()
-    return correct / len(y)
+            hits += (logits.argmax(1) == y[start : start + batch_size]).int().tolist()
+    return hits
+
+
+def batch_statistics_accuracy(model, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
+    """Accuracy with batch statistics (see :func:`batch_statistics_correct`)."""
+    return float(np.mean(batch_statistics_correct(model, x, y, batch_size)))
 
 
 def _batches(x: torch.Tensor, count: int, size: int, seed: int):
@@ -101,32 +106,35 @@ def verdict(metrics: dict) -> Verdict:
 
 
 def plot(metrics: dict) -> dict:
-    import matplotlib.pyplot as plt
-
     runs = metrics["runs"]
     labels = ("train mode\n(batch stats)", "eval\n(running stats)", "eval after\nrecalibration")
     keys = ("train_mode_acc", "eval_acc_before", "eval_acc_after")
     values = np.array([[r[k] for k in keys] for r in runs])
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = figure(figsize=(6, 4))
     ax.bar(range(3), values.mean(0), yerr=values.std(0) if len(runs) > 1 else None, color=["tab:gray", "tab:red", "tab:blue"])  # fmt: skip
     for row in values:
         ax.plot(range(3), row, "k.", alpha=0.6)
     ax.set_xticks(range(3), labels)
     ax.set(ylabel="validation accuracy", ylim=(max(0.0, values.min() - 0.1), 1.0),
            title=f"batch {metrics['batch_size']}, BN momentum {metrics['bn_momentum']}")  # fmt: skip
-    return {"train_eval_gap": fig}
+    return {
+        "train_eval_gap": (
+            fig,
+            "Validation accuracy in train mode (batch statistics), in eval mode (running statistics) and in eval mode after recomputing the population statistics; bars: mean, error bars: standard deviation over seeds, dots: seeds.",
+        )
+    }
 
 
-EXPERIMENT = register(
-    Experiment(
-        name="train-eval-gap",
-        claim="With a small batch and a high BN momentum, eval-mode accuracy falls below "
-        "train-mode accuracy; recomputing the population statistics (precise BN) recovers it.",
-        config_cls=TrainEvalGapConfig,
-        run=run,
-        verdict=verdict,
-        plot=plot,
-        quick={"steps": 1500, "num_seeds": 1},
-        full_runtime="about 1 minute on 2 cores (3 seeds × 3,000 steps of batch 4)",
-    )
+EXPERIMENT = define(
+    name="train-eval-gap",
+    claim="With a small batch and a high BN momentum, eval-mode accuracy falls below "
+    "train-mode accuracy; recomputing the population statistics (precise BN) recovers it.",
+    config_cls=TrainEvalGapConfig,
+    run=run,
+    verdict=verdict,
+    plot=plot,
+    quick={"steps": 1500, "num_seeds": 1},
+    full_runtime="about 1 minute on 2 cores (3 seeds × 3,000 steps of batch 4)",
+    source="Ioffe 2017 (Batch Renormalization) and Wu & Johnson 2021 ('Rethinking Batch in BatchNorm', precise BN)",
+    setup="MLP {hidden} with BN, batch {batch_size}, BN momentum {bn_momentum}, SGD lr {lr}, {steps} steps, {num_seeds} seeds; recalibration over {recalibration_batches} batches of {recalibration_batch_size}; data {data}.",
 )
