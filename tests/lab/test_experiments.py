@@ -25,7 +25,7 @@ TINY = {
                     "num_seeds": 2, "probe_examples": 50, "lr_grid": (0.1, 1.0), "tuning_steps": 10},
     "init-sweep": {"data": "spirals", "hidden": (8, 8, 8, 8, 8), "num_scales": 3, "steps": 20,
                    "num_seeds": 2, "max_train": 200},
-    "mnist-cnn": {"data": "digits", "channels": (4,), "hidden": 8, "epochs": 2, "num_seeds": 1, "max_train": 200},
+    "mnist-cnn": {"data": "digits", "channels": (4,), "hidden": 8, "epochs": 2, "num_seeds": 1, "max_train": 200, "lr_grid": (0.05,), "tuning_epochs": 1},
     "train-eval-gap": {"hidden": (16,), "steps": 30, "num_seeds": 2, "recalibration_batches": 3},
     "initializers": {"data": "spirals", "hidden": (8, 8), "steps": 40, "eval_every": 10, "num_seeds": 2},
     "input-normalization": {"samples": 100, "max_steps": 300, "num_seeds": 2},
@@ -209,7 +209,7 @@ def test_cli_list_run_and_report(tmp_path):
     listing = runner.invoke(app, ["list"])
     assert listing.exit_code == 0 and "init-sweep" in listing.output
     result = runner.invoke(
-        app, ["run", "mnist-cnn", "--out", str(tmp_path), "--no-progress", "--data", "digits"]
+        app, ["run", "input-normalization", "--out", str(tmp_path), "--no-progress"]
     )
     assert result.exit_code == 0, result.output
     assert (tmp_path / "report.html").is_file() and "verdict:" in result.output

@@ -9,10 +9,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from bnlab.lab import stats
 from bnlab.lab.data import load_dataset
 from bnlab.lab.experiments.base import (
     Context,
     ExperimentConfig,
+    Finding,
     Verdict,
     define,
     figure,
@@ -113,7 +115,16 @@ def verdict(metrics: dict) -> Verdict:
         f"baseline {base:.0f} ({_good_range(metrics, 'baseline')}); median over seeds. BN's "
         f"range is {wider:.1f} decades wider ('much wider' is read as at least 1 decade)."
     )
-    return Verdict(bool(wider >= 1.0), summary)
+    counts = np.array([_good_counts(metrics, "bn"), _good_counts(metrics, "baseline")], dtype=float)
+    interval = stats.bootstrap(counts * decades_per_scale, lambda m: m[:, 0] - m[:, 1])
+    finding = Finding(
+        "BN trains well over a much wider range of initialization scales (≥ 1 decade wider)",
+        stats.exceeds(interval, 1.0) if len(counts[0]) > 1 else bool(wider >= 1.0),
+        summary + f" Interval over seeds: {interval.format('+.1f')} decades.",
+        "supported if the interval of the extra width lies above 1 decade (one seed: the point), refuted if below",
+        stats.sensitivity(lambda t: stats.exceeds(interval, t), 1.0, (0.5, 2.0), lambda t: f"{t:g} decades"),
+    )  # fmt: skip
+    return Verdict.of([finding])
 
 
 def plot(metrics: dict) -> dict:

@@ -12,10 +12,12 @@ import numpy as np
 import torch
 
 from bnlab.inference import is_batchnorm, recalibrate
+from bnlab.lab import stats
 from bnlab.lab.data import load_dataset
 from bnlab.lab.experiments.base import (
     Context,
     ExperimentConfig,
+    Finding,
     Verdict,
     define,
     figure,
@@ -92,17 +94,23 @@ def run(config: TrainEvalGapConfig, ctx: Context) -> dict:
 
 def verdict(metrics: dict) -> Verdict:
     runs = metrics["runs"]
-    gap_before = float(np.median([r["train_mode_acc"] - r["eval_acc_before"] for r in runs]))
-    gap_after = float(np.median([r["train_mode_acc"] - r["eval_acc_after"] for r in runs]))
-    spread = np.ptp([r["eval_acc_before"] for r in runs]) if len(runs) > 1 else 0.0
-    summary = (
-        f"Batch size {metrics['batch_size']}, BN momentum {metrics['bn_momentum']}: eval accuracy "
-        f"is {gap_before:.1%} below train-mode accuracy before recalibration and {gap_after:.1%} "
-        f"after (median of {len(runs)} seed(s)"
-        + (f"; eval accuracy before spans {spread:.1%} over seeds" if spread else "")
-        + "). Supported needs a gap of at least 1 point that recalibration halves."
-    )
-    return Verdict(bool(gap_before >= 0.01 and gap_after <= gap_before / 2), summary)
+    before = [r["train_mode_acc"] - r["eval_acc_before"] for r in runs]
+    after = [r["train_mode_acc"] - r["eval_acc_after"] for r in runs]
+    gap = stats.mean_ci(before)
+    recovered = stats.bootstrap(np.array([before, after]), lambda m: 1 - m[:, 1] / np.where(m[:, 0] > 0, m[:, 0], np.nan))  # fmt: skip
+    setting = f"batch size {metrics['batch_size']}, BN momentum {metrics['bn_momentum']}, {len(runs)} seed(s)"
+    findings = [
+        Finding("eval-mode accuracy falls below train-mode accuracy", stats.exceeds(gap, 0.01),
+                f"{setting}: eval accuracy is {gap.estimate:.1%} below train-mode accuracy before recalibration "
+                f"and {np.mean(after):.1%} after; gap before {gap.format('.1f', 100, ' points')}",
+                "supported if the interval of the gap lies above 1 point, refuted if below",
+                stats.sensitivity(lambda t: stats.exceeds(gap, t), 0.01, (0.005, 0.02), lambda t: f"{t * 100:g} points")),
+        Finding("recomputing the population statistics recovers at least half of the gap", stats.exceeds(recovered, 0.5),
+                f"fraction of the gap recovered {recovered.format('.2f')}",
+                "supported if the interval lies above 0.5, refuted if below",
+                stats.sensitivity(lambda t: stats.exceeds(recovered, t), 0.5, (0.25, 0.75), lambda t: f"{t:g}")),
+    ]  # fmt: skip
+    return Verdict.of(findings)
 
 
 def plot(metrics: dict) -> dict:

@@ -9,9 +9,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from bnlab.lab import stats
 from bnlab.lab.experiments.base import (
     Context,
     ExperimentConfig,
+    Finding,
     Verdict,
     define,
     figure,
@@ -99,7 +101,18 @@ def verdict(metrics: dict) -> Verdict:
         f"standardized {offdiag[0]:.2f}, whitened {offdiag[1]:.1e}. Supported needs whitening to "
         "grow faster than standardization and cost at least 10× more at the largest width."
     )
-    return Verdict(bool(whiten_slope > standardize_slope + 0.5 and ratio >= 10), summary)
+    per_seed = np.array([[np.polyfit(np.log(widths), np.log(np.array(metrics[k])[:, s]), 1)[0] for k in ("whiten_s", "standardize_s")] for s in range(len(metrics["whiten_s"][0]))])  # fmt: skip
+    slope_gap = stats.mean_ci(per_seed[:, 0] - per_seed[:, 1])
+    ratios = stats.mean_ci(np.log10(np.array(metrics["whiten_s"][-1]) / np.array(metrics["standardize_s"][-1])))  # fmt: skip
+    findings = [
+        Finding("whitening's cost grows faster with the width", stats.exceeds(slope_gap, 0.5) if len(per_seed) > 1 else bool(whiten_slope > standardize_slope + 0.5),
+                summary, "supported if the exponent difference's interval (over seeds) lies above 0.5 (one seed: the point)",
+                stats.sensitivity(lambda t: stats.exceeds(slope_gap, t), 0.5, (0.25, 1.0), lambda t: f"{t:g}")),
+        Finding(f"whitening costs ≥ 10× more at width {widths[-1]}", bool(ratio >= 10) if len(per_seed) < 2 else stats.exceeds(ratios, 1.0),
+                f"ratio {10**ratios.estimate:.0f}× [{10**ratios.low:.0f}, {10**ratios.high:.0f}]", "supported if the interval lies above 10×, refuted if below",
+                stats.sensitivity(lambda t: stats.exceeds(ratios, t), 1.0, (0.5, 1.5), lambda t: f"{10**t:.0f}×")),
+    ]  # fmt: skip
+    return Verdict.of(findings)
 
 
 def plot(metrics: dict) -> dict:
