@@ -165,3 +165,19 @@ def test_cifar_reader_refuses_code_in_pickles(tmp_path):
     path.write_bytes(pickle.dumps(Evil()))
     with pytest.raises(DataFormatError, match=r"refusing to load builtins\.print"):
         read_cifar_batch(path)
+
+
+def test_cifar10_runs_the_small_resnet(tmp_path):
+    from bnlab.lab.runner import run_experiment
+    from bnlab.lab.runs import load_run
+
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    _write_cifar(root)
+    run_dir = run_experiment(
+        "mnist-cnn", root=tmp_path / "runs", progress=False, echo=None, data="cifar10",
+        data_dir=str(tmp_path), epochs=1, num_seeds=1, lr_grid=(0.05,), tuning_epochs=1,
+    )  # fmt: skip
+    _, saved = load_run(run_dir)
+    assert saved["metrics"]["arch"] == "resnet" and saved["metrics"]["dataset"] == "cifar10"
+    assert saved["data"][0].startswith("cifar10:"), "the run says which data it used"

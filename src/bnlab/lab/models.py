@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from bnlab import nn as bnn
+from bnlab.nn import batchnorm_class
 
 NORMS = ("none", "bn", "ghost", "renorm", "gn", "ln")
 ACTIVATIONS = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "gelu": nn.GELU}
@@ -46,8 +47,7 @@ def make_norm(
     if norm == "none":
         return nn.Identity()
     if norm == "bn":
-        source = bnn if impl == "bnlab" else nn
-        return (source.BatchNorm1d if one_d else source.BatchNorm2d)(num_features)
+        return batchnorm_class(1 if one_d else 2, impl)(num_features)
     if norm == "ghost":
         cls = bnn.GhostBatchNorm1d if one_d else bnn.GhostBatchNorm2d
         return cls(num_features, options.get("virtual_batch_size", 8))
@@ -59,7 +59,7 @@ def make_norm(
 
 def set_bn_momentum(model: nn.Module, momentum: float | None) -> nn.Module:
     """Set ``momentum`` (torch's convention) on every BatchNorm-like layer of ``model``."""
-    from bnlab.inference import is_batchnorm
+    from bnlab.nn import is_batchnorm
 
     for module in model.modules():
         if is_batchnorm(module):

@@ -184,3 +184,29 @@ def build_report(run_dirs: list[str | Path], out_path: str | Path) -> Path:
         + "</body></html>"
     )
     return atomic_write_text(out_path, page)
+
+
+def markdown_table(root: str | Path) -> str:
+    """A Markdown table of every sub-claim under ``root``: the newest quick and full verdicts
+    side by side, with the full run's result (intervals) and runtime (for the README)."""
+    lines = ["| experiment | sub-claim | quick | full | full-mode result (95% intervals) |", "|---|---|---|---|---|"]  # fmt: skip
+    for experiment_dir in sorted(p for p in Path(root).glob("*/") if p.is_dir()):
+        runs = {mode: _newest(experiment_dir, mode) for mode in ("quick", "full")}
+        rows: dict[str, dict] = {}
+        for mode, run_dir in runs.items():
+            if run_dir is None:
+                continue
+            config, saved = load_run(run_dir)
+            for claim, lab, result, *_ in _findings_rows(_verdict_of(config, saved), mode):
+                rows.setdefault(claim, {})[mode] = (lab, result)
+        for claim, by_mode in rows.items():
+            quick = by_mode.get("quick", ("not run", ""))[0]
+            full, result = by_mode.get("full", ("not run", ""))
+            lines.append(f"| `{experiment_dir.name}` | {claim} | {quick} | {full} | {result} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # python -m bnlab.lab.report RUNS_DIR: the README's verdict table
+    import sys
+
+    print(markdown_table(sys.argv[1] if len(sys.argv) > 1 else "runs"), end="")

@@ -148,6 +148,6 @@ EXPERIMENT = define(
     setup="MLP {hidden} ReLU with and without BN, initialized with N(0, 1), N(0, 0.01²), Glorot "
     "normal/uniform, He normal/uniform (biases zero) and zeros; SGD lr {lr}, momentum 0.9, batch "
     "{batch_size}, {steps} steps, evaluation every {eval_every}; {num_seeds} seeds; data {data}.",
-    quick={"num_seeds": 2, "steps": 500, "eval_every": 25},
+    quick={"num_seeds": 2, "steps": 300, "eval_every": 25},
     full_runtime="about 5 minutes on 2 idle cores (7 initializers × 2 arms × 5 seeds × 2,000 steps)",
 )  # fmt: skip

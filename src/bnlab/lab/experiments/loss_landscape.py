@@ -17,7 +17,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from bnlab.inference import is_batchnorm
 from bnlab.lab import stats
 from bnlab.lab.experiments.base import (
     Context,
@@ -32,6 +31,7 @@ from bnlab.lab.experiments.base import (
 )
 from bnlab.lab.models import mlp, set_bn_momentum
 from bnlab.lab.train import TrainConfig, correct, train
+from bnlab.nn import is_batchnorm
 
 ARMS = ("baseline", "bn", "noisy-bn")
 SMOOTHER = 1.25  # "smoother": β and loss range at least 1.25× smaller at matched loss

@@ -182,6 +182,6 @@ EXPERIMENT = define(
     setup="MLP {hidden} ReLU with and without BN; SGD momentum 0.9, batch {batch_size}, {steps} steps at each "
     "of {learning_rates} (4 per decade in full mode); {num_seeds} seeds; test accuracy and the final "
     "training loss per rate.",
-    quick={"num_seeds": 2, "steps": 300, "learning_rates": tuple(np.logspace(-3, 1, 9).round(6).tolist())},
+    quick={"num_seeds": 2, "steps": 200, "learning_rates": tuple(np.logspace(-3, 1, 9).round(6).tolist())},
     full_runtime="about 6 minutes on 2 idle cores (17 rates × 2 arms × 5 seeds × 1,000 steps)",
 )  # fmt: skip

@@ -50,10 +50,18 @@ class MnistCnnConfig(ExperimentConfig):
     tuning_epochs: int = 5
 
 
+def architecture(config: MnistCnnConfig, data) -> str:
+    """'resnet' or 'cnn': ``config.arch``, where 'auto' means a small ResNet on CIFAR-10."""
+    if config.arch not in ("auto", "cnn", "resnet"):
+        raise ValueError(f"arch: expected 'auto', 'cnn' or 'resnet', got {config.arch!r}")
+    if config.arch != "auto":
+        return config.arch
+    return "resnet" if data.name == "cifar10" else "cnn"
+
+
 def _model(arm: str, data, config: MnistCnnConfig):
     norm, impl = norm_of(arm, config.impl)
-    arch = config.arch if config.arch != "auto" else ("resnet" if data.name == "cifar10" else "cnn")
-    if arch == "resnet":
+    if architecture(config, data) == "resnet":
         return resnet(data.input_shape, data.num_classes, norm=norm, impl=impl)
     return cnn(data.input_shape, data.num_classes, channels=config.channels, hidden=config.hidden, norm=norm, dropout=config.dropout, impl=impl)  # fmt: skip
 
@@ -62,7 +70,7 @@ def run(config: MnistCnnConfig, ctx: Context) -> dict:
     data = load_data(config, ctx, max_train=config.max_train)
     steps_per_epoch = max(1, len(data.y_train) // config.batch_size)
     x_test, y_test = torch.from_numpy(data.x_test), torch.from_numpy(data.y_test)
-    metrics: dict = {"dataset": data.name, "steps_per_epoch": steps_per_epoch, "arms": {}, "tuned_lr": {}}  # fmt: skip
+    metrics: dict = {"dataset": data.name, "arch": architecture(config, data), "steps_per_epoch": steps_per_epoch, "arms": {}, "tuned_lr": {}}  # fmt: skip
     tuning = TrainConfig(momentum=config.momentum, weight_decay=config.weight_decay, batch_size=config.batch_size, epochs=config.tuning_epochs, eval_every=steps_per_epoch)  # fmt: skip
     for arm in ARMS:
         lr, _ = tune_lr(lambda arm=arm: _model(arm, data, config), data, config.lr_grid, tuning, config.seed)  # fmt: skip

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from bnlab.inference import is_batchnorm, recalibrate
+from bnlab.inference import recalibrate
 from bnlab.lab import stats
 from bnlab.lab.data import load_dataset
 from bnlab.lab.experiments.base import (
@@ -25,6 +25,7 @@ from bnlab.lab.experiments.base import (
 )
 from bnlab.lab.models import mlp, set_bn_momentum
 from bnlab.lab.train import TrainConfig, evaluate, train
+from bnlab.nn import is_batchnorm
 
 
 @dataclass
@@ -141,7 +142,7 @@ EXPERIMENT = define(
     run=run,
     verdict=verdict,
     plot=plot,
-    quick={"steps": 1500, "num_seeds": 1},
+    quick={"steps": 1500, "num_seeds": 2},
     full_runtime="about 1 minute on 2 cores (3 seeds × 3,000 steps of batch 4)",
     source="Ioffe 2017 (Batch Renormalization) and Wu & Johnson 2021 ('Rethinking Batch in BatchNorm', precise BN)",
     setup="MLP {hidden} with BN, batch {batch_size}, BN momentum {bn_momentum}, SGD lr {lr}, {steps} steps, {num_seeds} seeds; recalibration over {recalibration_batches} batches of {recalibration_batch_size}; data {data}.",
