@@ -35,7 +35,7 @@ REFERENCE = ("tests/reference", "tests/test_check.py")
 NN = ("tests/nn/test_batchnorm.py",)
 SYNC = ("tests/nn/test_sync.py",)
 FUNCTIONAL = ("tests/test_functional.py", "tests/nn/test_batchnorm.py")
-INFERENCE = ("tests/test_inference.py",)
+INFERENCE = ("tests/inference", "tests/test_inference.py")
 KERNELS = ("tests/kernels", "tests/test_functional.py", "tests/nn/test_batchnorm.py")
 
 
@@ -58,7 +58,8 @@ REF = "src/bnlab/reference/batchnorm.py"
 NN_BN = "src/bnlab/nn/batchnorm.py"
 SYNC_PY = "src/bnlab/nn/sync.py"
 FUNC = "src/bnlab/functional.py"
-INFER = "src/bnlab/inference.py"
+FOLD = "src/bnlab/inference/fold.py"
+RECALIBRATE = "src/bnlab/inference/recalibrate.py"
 
 # fmt: off
 MUTANTS: list[Mutant] = [
@@ -89,10 +90,11 @@ MUTANTS: list[Mutant] = [
     Mutant("sync-grad-weight-is-sum-dy", SYNC_PY, "grad_weight = local_dy_xhat.to(weight.dtype)", "grad_weight = local_dy.to(weight.dtype)", SYNC),
     Mutant("sync-global-batch-of-one", SYNC_PY, "if total <= 1:", "if total < 1:", SYNC),
     # inference: fold and recalibrate
-    Mutant("fold-dropped-eps", INFER, "scale = torch.rsqrt(var + bn.eps)", "scale = torch.rsqrt(var)", INFERENCE),
-    Mutant("fold-dropped-bn-bias", INFER, "        shift = shift + bn.bias.double()", "        shift = shift + 0.0 * bn.bias.double()", INFERENCE),
-    Mutant("fold-layer-bias-unscaled", INFER, "layer.bias.double() * scale + shift", "layer.bias.double() + shift", INFERENCE),
-    Mutant("recalibrate-exponential-average", INFER, "bn.momentum = None  # cumulative average", "bn.momentum = 0.1  # cumulative average", INFERENCE),
+    Mutant("fold-dropped-eps", FOLD, "scale = torch.rsqrt(var + bn.eps)", "scale = torch.rsqrt(var)", INFERENCE),
+    Mutant("fold-dropped-bn-bias", FOLD, "        shift = shift + bn.bias.double()", "        shift = shift + 0.0 * bn.bias.double()", INFERENCE),
+    Mutant("fold-layer-bias-unscaled", FOLD, "layer.bias.double() * scale + shift", "layer.bias.double() + shift", INFERENCE),
+    Mutant("recalibrate-biased-variance", RECALIBRATE, "torch.var_mean(x, dim=1, correction=1)", "torch.var_mean(x, dim=1, correction=0)", INFERENCE),
+    Mutant("recalibrate-mean-off-by-one", RECALIBRATE, "copy_(entry.means / entry.batches)", "copy_(entry.means / (entry.batches + 1))", INFERENCE),
     # level 2, functional (the torch path and the helpers SyncBatchNorm shares)
     Mutant("functional-no-bias-correction", FUNC, "unbiased = var * (count / (count - 1)) if correction else var", "unbiased = var if correction else var", FUNCTIONAL),
     Mutant("functional-grad-input-sign", FUNC, "- x_hat * per_channel(mean_dy_xhat, dy)", "+ x_hat * per_channel(mean_dy_xhat, dy)", FUNCTIONAL),
