@@ -32,11 +32,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 REFERENCE = ("tests/reference", "tests/test_check.py")
-NN = ("tests/nn/test_batchnorm.py",)
+NN = ("tests/nn/test_batchnorm.py", "tests/test_dispatch.py")
 SYNC = ("tests/nn/test_sync.py",)
-FUNCTIONAL = ("tests/test_functional.py", "tests/nn/test_batchnorm.py")
+SHARED = ("tests/nn/test_variants.py", "tests/nn/test_sync.py")  # functional helpers they use
 INFERENCE = ("tests/inference", "tests/test_inference.py")
-KERNELS = ("tests/kernels", "tests/test_functional.py", "tests/nn/test_batchnorm.py")
+KERNELS = ("tests/kernels", "tests/test_dispatch.py", "tests/test_functional.py", "tests/nn/test_batchnorm.py")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,9 @@ REF = "src/bnlab/reference/batchnorm.py"
 NN_BN = "src/bnlab/nn/batchnorm.py"
 SYNC_PY = "src/bnlab/nn/sync.py"
 FUNC = "src/bnlab/functional.py"
+COMPOSITE = "src/bnlab/kernels/composite.py"
+FORWARD_CPP = "src/bnlab/kernels/cpu/forward.cpp"
+BACKWARD_CPP = "src/bnlab/kernels/cpu/backward.cpp"
 FOLD = "src/bnlab/inference/fold.py"
 RECALIBRATE = "src/bnlab/inference/recalibrate.py"
 
@@ -95,18 +98,31 @@ MUTANTS: list[Mutant] = [
     Mutant("fold-layer-bias-unscaled", FOLD, "layer.bias.double() * scale + shift", "layer.bias.double() + shift", INFERENCE),
     Mutant("recalibrate-biased-variance", RECALIBRATE, "torch.var_mean(x, dim=1, correction=1)", "torch.var_mean(x, dim=1, correction=0)", INFERENCE),
     Mutant("recalibrate-mean-off-by-one", RECALIBRATE, "copy_(entry.means / entry.batches)", "copy_(entry.means / (entry.batches + 1))", INFERENCE),
-    # level 2, functional (the torch path and the helpers SyncBatchNorm shares)
-    Mutant("functional-no-bias-correction", FUNC, "unbiased = var * (count / (count - 1)) if correction else var", "unbiased = var if correction else var", FUNCTIONAL),
-    Mutant("functional-grad-input-sign", FUNC, "- x_hat * per_channel(mean_dy_xhat, dy)", "+ x_hat * per_channel(mean_dy_xhat, dy)", FUNCTIONAL),
+    # level 2: functional's helpers (SyncBatchNorm, Batch Renorm) and the composite torch-op
+    # implementation (fallback without the extension, and the graph of double backward)
+    Mutant("functional-no-bias-correction", FUNC, "unbiased = var * (count / (count - 1)) if correction else var", "unbiased = var if correction else var", SHARED),
+    Mutant("composite-grad-input-sign", COMPOSITE, "- x_hat * per_channel(mean_dy_xhat, dy)", "+ x_hat * per_channel(mean_dy_xhat, dy)", KERNELS),
+    Mutant("composite-grad-weight-is-sum-dy", COMPOSITE, "sum_g_xhat if output_mask[1] else none", "sum_g if output_mask[1] else none", KERNELS),
+    Mutant("composite-running-var-biased", COMPOSITE, "unbiased = var.detach() * (count / max(count - 1, 1))", "unbiased = var.detach() * (count / max(count, 1))", KERNELS),
+    Mutant("composite-eval-dropped-eps", COMPOSITE, "invstd = torch.rsqrt(running_var.to(acc) + eps)", "invstd = torch.rsqrt(running_var.to(acc))", KERNELS),
+    Mutant("composite-momentum-inverted", COMPOSITE, "new = running * (1.0 - momentum) + batch.to(running.dtype) * momentum", "new = running * momentum + batch.to(running.dtype) * (1.0 - momentum)", KERNELS),
+    # the C++ kernels (each costs a rebuild)
+    Mutant("cpp-grad-weight-is-sum-dy", BACKWARD_CPP, "need_weight ? vector_tensor(sum_g_xhat, acc) : none", "need_weight ? vector_tensor(sum_g, acc) : none", KERNELS),
+    Mutant("cpp-sum-g-xhat-dropped-term", BACKWARD_CPP, "invstd[c] * (s2[c] - mean_d[c] * s1[c])", "invstd[c] * s2[c]", KERNELS),
+    Mutant("cpp-grad-input-sign", BACKWARD_CPP, "slope * mean_d[c] - gain * sum_g[c] / n", "slope * mean_d[c] + gain * sum_g[c] / n", KERNELS),
+    Mutant("cpp-running-var-biased", FORWARD_CPP, "unbiased[c] = var[c] * n / std::max(1.0, n - 1.0);", "unbiased[c] = var[c];", KERNELS),
+    Mutant("cpp-momentum-inverted", FORWARD_CPP, "old * (1.0 - momentum) + batch[c] * momentum", "old * momentum + batch[c] * (1.0 - momentum)", KERNELS),
+    Mutant("cpp-variance-off-by-one", FORWARD_CPP, "var[c] = s2[c] / n - mean_d[c] * mean_d[c];", "var[c] = s2[c] / (n - 1.0) - mean_d[c] * mean_d[c];", KERNELS),
+    Mutant("cpp-dropped-eps", FORWARD_CPP, "invstd[c] = 1.0 / std::sqrt(var[c] + eps);", "invstd[c] = 1.0 / std::sqrt(var[c]);", KERNELS),
 ]
 # fmt: on
 
 
-def _copy_tree(into: Path) -> None:
+def _copy_tree(source: Path, into: Path) -> None:
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", ".hypothesis")
     for name in ("src", "tests"):
-        shutil.copytree(ROOT / name, into / name, ignore=ignore)
-    shutil.copy2(ROOT / "pyproject.toml", into / "pyproject.toml")
+        shutil.copytree(source / name, into / name, ignore=ignore)
+    shutil.copy2(source / "pyproject.toml", into / "pyproject.toml")
 
 
 def _environment(tree: Path, cache: Path) -> dict[str, str]:
@@ -125,11 +141,11 @@ def _pytest(tree: Path, tests: tuple[str, ...], env: dict[str, str], timeout: fl
     return done.returncode
 
 
-def check_targets(mutants: list[Mutant]) -> list[str]:
+def check_targets(mutants: list[Mutant], root: Path = ROOT) -> list[str]:
     """Problems with the mutants' target texts: each must occur exactly once."""
     problems = []
     for mutant in mutants:
-        path = ROOT / mutant.path
+        path = root / mutant.path
         if not path.exists():
             problems.append(f"{mutant.name}: file {mutant.path} does not exist")
             continue
@@ -152,9 +168,11 @@ def run_one(mutant: Mutant, workdir: Path, timeout: float) -> tuple[str, float]:
 
 
 def _fresh_tree(workdir: Path) -> Path:
+    """A copy of the snapshot taken at the start (edits to the working tree meanwhile are
+    not picked up), always at the same path."""
     tree = workdir / "tree"
     shutil.rmtree(tree, ignore_errors=True)
-    _copy_tree(tree)
+    _copy_tree(workdir / "snapshot", tree)
     return tree
 
 
@@ -191,13 +209,14 @@ def main(argv: list[str] | None = None) -> int:
         for m in chosen:
             print(f"{m.name:34} {m.path:34} {' '.join(m.tests)}")
         return 0
-    problems = check_targets(chosen)
-    if problems:
-        print("stale mutants (the code changed; update them):", *problems, sep="\n  ", file=sys.stderr)  # fmt: skip
-        return 2
     results = []
     with tempfile.TemporaryDirectory(prefix="bnlab-mutants-") as folder:
         workdir = Path(folder)
+        _copy_tree(ROOT, workdir / "snapshot")
+        problems = check_targets(chosen, workdir / "snapshot")
+        if problems:
+            print("stale mutants (the code changed; update them):", *problems, sep="\n  ", file=sys.stderr)  # fmt: skip
+            return 2
         if not args.no_baseline and not baseline(chosen, workdir, args.timeout):
             return 1
         for i, mutant in enumerate(chosen, 1):
