@@ -12,7 +12,9 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import ModuleType
@@ -76,7 +78,7 @@ def build() -> ModuleType:
     started = time.perf_counter()
     module = cpp_extension.load(
         name=f"bnlab_kernels_{build_key()}",
-        sources=[str(SOURCE_DIR / name) for name in SOURCES],
+        sources=_sources_in(directory),
         extra_cflags=FLAGS,
         extra_ldflags=["-fopenmp"],  # resolves to the libgomp torch has loaded (same SONAME)
         build_directory=str(directory),
@@ -88,6 +90,22 @@ def build() -> ModuleType:
         tmp.write_text(json.dumps({"compile_seconds": seconds, "flags": FLAGS}))
         os.replace(tmp, record)
     return module
+
+
+def _sources_in(directory: Path) -> list[str]:
+    """The sources, copied once into the build directory: every checkout of the same sources
+    (worktrees, clones) then compiles the same paths, so ninja does not rebuild, in a cache
+    they share, a library that other processes are loading (it keys on the command line)."""
+    folder = directory / "src"
+    if not folder.is_dir():
+        staging = Path(tempfile.mkdtemp(prefix="src-", dir=directory))
+        for name in (*SOURCES, *HEADERS):
+            shutil.copy2(SOURCE_DIR / name, staging / name)
+        try:
+            os.replace(staging, folder)  # atomic; another process may have won the race
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)
+    return [str(folder / name) for name in SOURCES]
 
 
 def compile_seconds() -> float | None:
