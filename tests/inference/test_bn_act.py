@@ -123,3 +123,22 @@ def test_bn_act_subclass_is_written_like_timm():  # the test double itself behav
     plain.load_state_dict(bn.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(bn(x), nn.functional.silu(plain(x)))
+
+
+def test_freeze_and_recalibrate_bnlab_fused_bn_act_with_a_residual():
+    x = _input(2, 4, 6, 6)
+    model = trained(FusedResidual(), x)
+    frozen = freeze_batchnorm(model)
+    assert isinstance(frozen.bn2, FrozenBatchNormAct) and isinstance(frozen.bn2.act, nn.ReLU)
+    with torch.no_grad():
+        assert _relative(frozen(x), model(x)) < 1e-6
+    batches = [_input(2, 4, 6, 6, seed=i) * 2 + 1 for i in range(4)]
+    recalibrate(model, batches, progress=False)
+    with torch.no_grad():
+        z = [model.conv1(b) for b in batches]
+    rows = [t.transpose(0, 1).flatten(1).double() for t in z]
+    means = torch.stack([r.mean(1) for r in rows]).numpy()
+    variances = torch.stack([r.var(1, correction=0) for r in rows]).numpy()
+    want_mean, want_var = population_statistics(means, variances, batch_size=rows[0].shape[1])
+    torch.testing.assert_close(model.bn1.running_mean.double(), torch.from_numpy(want_mean), rtol=1e-5, atol=1e-6)  # fmt: skip
+    torch.testing.assert_close(model.bn1.running_var.double(), torch.from_numpy(want_var), rtol=1e-5, atol=1e-6)  # fmt: skip
