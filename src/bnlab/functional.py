@@ -19,11 +19,11 @@ Where it runs (one operation, several doors):
 - torch's native ``batch_norm`` for devices without bnlab kernels and for empty batches.
 
 Non-finite batch statistics (NaN/Inf in the input) propagate into the output exactly as in
-torch; what they do to the running statistics is the ``nonfinite`` policy. In eager mode the
-affected channels are named by a ``RuntimeWarning`` ('skip') or a ``FloatingPointError``
-('raise'). Under torch.compile, jit.trace and torch.func the operator itself raises them
-(reading the channels back in Python would break the graph); the running statistics are
-guarded the same way in every mode.
+torch; what they do to the running statistics is the ``nonfinite`` policy, applied inside the
+operator, which also names the affected channels — a ``RuntimeWarning`` ('skip') or a
+``FloatingPointError`` ('raise') — in eager mode and inside compiled or traced code alike. On
+CUDA the 'skip' warning is deferred until the channel mask's copy to the host has landed
+(no device sync; ``bnlab.kernels.cuda.flush_reports()`` forces it).
 """
 
 from __future__ import annotations
@@ -91,14 +91,13 @@ def check_batch_norm_args(
         )
     if input.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"input: expected float16, bfloat16, float32 or float64, got {input.dtype}")
-    for name, t in (
-        ("running_mean", running_mean),
-        ("running_var", running_var),
-        ("weight", weight),
-        ("bias", bias),
-    ):
-        if not torch.jit.is_tracing():  # shapes are traced values then; the operator checks them
-            _check_channel_vector(name, t, input)
+    channels, device = input.shape[1], input.device
+    for name, t in (("running_mean", running_mean), ("running_var", running_var),
+                    ("weight", weight), ("bias", bias)):  # fmt: skip
+        if t is None or torch.jit.is_tracing():  # traced shapes are values; the operator checks
+            continue
+        if not isinstance(t, Tensor) or t.shape != (channels,) or t.device != device or t.dtype not in _FLOAT_DTYPES:  # fmt: skip
+            _check_channel_vector(name, t, input)  # raises, naming what is wrong
     if not training and (running_mean is None or running_var is None):
         raise ValueError(
             "running_mean, running_var: expected tensors in evaluation mode (training=False), "
@@ -116,6 +115,8 @@ def check_batch_norm_args(
 
 
 def _check_fusion_args(input: Tensor, residual: Tensor | None, activation, nonfinite) -> None:
+    if residual is None and activation is None and nonfinite == "skip":
+        return  # the common case
     if nonfinite not in _POLICY_CODES:
         raise ValueError(f"nonfinite: expected one of {NONFINITE_POLICIES}, got {nonfinite!r}")
     if activation not in _ACTIVATION_CODES:
@@ -136,7 +137,7 @@ def _check_fusion_args(input: Tensor, residual: Tensor | None, activation, nonfi
 def report_nonfinite(finite: Tensor, policy: str) -> None:
     """Warn ('skip') or raise ('raise') naming the channels whose batch statistics are not
     finite (``finite``, a (C,) mask); in both cases their running statistics were left unchanged."""
-    composite.report(~finite, _POLICY_CODES[policy])
+    composite.report_nonfinite(~finite, _POLICY_CODES[policy])
 
 
 def update_running_stats(
@@ -165,15 +166,9 @@ def _torch_native(input, running_mean, running_var, weight, bias, training, mome
     return torch.relu(out) if _ACTIVATION_CODES[activation] == composite.RELU else out
 
 
-def _report(bad: Tensor, policy: int) -> None:
-    """Name non-finite channels after an eager call; on CUDA without stalling the device
-    (the warning is deferred until the mask's copy to the host has landed)."""
-    if bad.device.type == "cuda":
-        from bnlab.kernels.cuda import report
-
-        report.report(bad, policy)
-    elif bool(bad.any()):
-        composite.report(bad, policy)
+def _needs_graph(*tensors: Tensor | None) -> bool:
+    """Whether autograd must record this call."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _transforms_active() -> bool:
@@ -222,18 +217,17 @@ def batch_norm(
     if empty or not kernels.supports(input):
         # Other devices use torch's native kernel; an empty batch leaves the statistics alone.
         return _torch_native(input, running_mean, running_var, weight, bias, training, momentum, eps, residual, activation)  # fmt: skip
-    policy = _POLICY_CODES[nonfinite]
     graph = _graph_mode()
-    transformed = not graph and _transforms_active()
-    operator_reports = graph or transformed
     args = (input, weight, bias, residual, running_mean, running_var, bool(training),
-            float(momentum), float(eps), _ACTIVATION_CODES[activation], policy, operator_reports)  # fmt: skip
+            float(momentum), float(eps), _ACTIVATION_CODES[activation], _POLICY_CODES[nonfinite],
+            True)  # the operator reports non-finite channels itself  # fmt: skip
     if not kernels.usable(input):
-        out, bad = BatchNormFunction.apply(*args, composite)[:2]
-    elif transformed:
-        out, bad = BatchNormFunction.apply(*args, Operators)[:2]
-    else:
-        out, bad = torch.ops.bnlab.batch_norm(*args)
-    if training and policy != composite.PROPAGATE and not operator_reports:
-        _report(bad, policy)
-    return out
+        return BatchNormFunction.apply(*args, composite)[0]
+    if graph:
+        return kernels.OPS.batch_norm(*args)[0]  # one node for compile, export and trace
+    if _transforms_active():
+        return BatchNormFunction.apply(*args, Operators)[0]
+    entry = kernels.DIRECT if input.device.type == "cpu" else kernels.OPS  # same node and kernels
+    if _needs_graph(input, weight, bias, residual):
+        return entry.batch_norm(*args)[0]
+    return entry.batch_norm_forward(*args)[0]  # no autograd: skip the node

@@ -43,6 +43,8 @@ _LOCK = threading.Lock()
 _state: dict = {"module": None, "error": None, "load_seconds": None}
 _ENABLED = os.environ.get("BNLAB_KERNELS", "1") != "0"
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+OPS = None  # torch.ops.bnlab's overloads once loaded: batch_norm, batch_norm_forward, ...
+DIRECT = None  # the same two entered directly (eager CPU calls; see cpu/ops.cpp)
 DEVICES = {"cpu"}  # device types with bnlab kernels ("cuda" once its kernels are registered)
 
 
@@ -77,6 +79,8 @@ def load() -> ModuleType | None:
             fake.register()
             composite.register()
             _register_cuda()
+            global OPS, DIRECT
+            OPS, DIRECT = _Overloads(), module
             _state["module"] = module
         except Exception as error:  # no compiler, no headers, ...: fall back, say why once
             _state["error"] = error
@@ -88,6 +92,16 @@ def load() -> ModuleType | None:
             )
         _state["load_seconds"] = time.perf_counter() - started
     return _state["module"]
+
+
+class _Overloads:
+    """The operators' default overloads, looked up once (each lookup costs microseconds)."""
+
+    def __init__(self) -> None:
+        namespace = torch.ops.bnlab
+        self.batch_norm = namespace.batch_norm.default
+        self.batch_norm_forward = namespace.batch_norm_forward.default
+        self.batch_norm_backward = namespace.batch_norm_backward.default
 
 
 def _register_cuda() -> None:

@@ -60,7 +60,7 @@ def grad_input_from_means(dy: Tensor, x_hat: Tensor, mean_dy: Tensor, mean_dy_xh
     return (dy - per_channel(mean_dy, dy) - x_hat * per_channel(mean_dy_xhat, dy)) * per_channel(gain, dy)  # fmt: skip
 
 
-def report(bad: Tensor, nonfinite: int) -> None:
+def report_nonfinite(bad: Tensor, nonfinite: int) -> None:
     """Name the channels of ``bad`` whose batch statistics are not finite: a RuntimeWarning
     (SKIP) or a FloatingPointError (RAISE) — the same messages the C++ operator raises."""
     channels = bad.nonzero().flatten().tolist()
@@ -118,7 +118,7 @@ def forward(input, weight, bias, residual, running_mean, running_var, training, 
         bad = update_running(running_mean, running_var, (shift + mean_d).detach(), unbiased,
                              momentum, nonfinite)  # fmt: skip
         if report and nonfinite != PROPAGATE and bool(bad.any()):
-            report(bad, nonfinite)
+            report_nonfinite(bad, nonfinite)
     else:
         shift = running_mean.to(acc, copy=True)  # later in-place updates must not leak
         mean_d = torch.zeros_like(shift)

@@ -30,7 +30,7 @@ at::ScalarType acc_dtype(const at::Tensor& x) {
 std::vector<double> to_double(const c10::optional<at::Tensor>& t, int64_t C, double fill) {
   std::vector<double> out(C, fill);
   if (t.has_value() && t->defined()) {
-    const at::Tensor v = t->cpu();
+    const at::Tensor v = t->is_cpu() ? *t : t->cpu();
     const int64_t stride = v.stride(0);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "to_double", [&] {
       const scalar_t* p = v.data_ptr<scalar_t>();
