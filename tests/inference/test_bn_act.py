@@ -142,3 +142,20 @@ def test_freeze_and_recalibrate_bnlab_fused_bn_act_with_a_residual():
     want_mean, want_var = population_statistics(means, variances, batch_size=rows[0].shape[1])
     torch.testing.assert_close(model.bn1.running_mean.double(), torch.from_numpy(want_mean), rtol=1e-5, atol=1e-6)  # fmt: skip
     torch.testing.assert_close(model.bn1.running_var.double(), torch.from_numpy(want_var), rtol=1e-5, atol=1e-6)  # fmt: skip
+
+
+def test_export_without_folding_keeps_bn_act_modules(tmp_path):
+    from bnlab.inference import export_onnx, run_onnx, to_torch_batchnorm
+
+    x = _input(4, 3, 8, 8)
+    frozen = freeze_batchnorm(trained(ConvBnAct(), x))
+    torched = to_torch_batchnorm(frozen)
+    assert type(torched.bn1.bn) is nn.BatchNorm2d and isinstance(torched.bn1.after.act, nn.SiLU)
+    path = export_onnx(frozen, x, tmp_path / "frozen.onnx", fold=False)
+    with torch.no_grad():
+        assert _relative(run_onnx(path, x), frozen(x)) < 1e-5
+    residual_input = _input(2, 4, 6, 6)
+    fused = trained(FusedResidual(), residual_input)
+    path = export_onnx(fused, residual_input, tmp_path / "fused.onnx", fold=False)
+    with torch.no_grad():
+        assert _relative(run_onnx(path, residual_input), fused(residual_input)) < 1e-5
