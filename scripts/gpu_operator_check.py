@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 import traceback
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -85,11 +86,7 @@ for shape in ((32, 64, 28, 28), (4096, 256)):
         for layout in ("contiguous", "channels_last") if len(shape) == 4 else ("contiguous",):
             for training, act, residual in ((True, None, False), (True, "relu", True), (False, None, False)):  # fmt: skip
                 name = f"functional {shape} {str(dtype)[6:]} {layout} train={training} act={act} residual={residual}"  # fmt: skip
-                check(name)(
-                    lambda s=shape, d=dtype, l=layout, t=training, a=act, r=residual: _case(
-                        s, d, l, t, a, r
-                    )
-                )  # noqa: E731
+                check(name)(partial(_case, shape, dtype, layout, training, act, residual))
 
 
 @check("precision at offsets 1e4 and 1e6 (fp32, through functional)")
