@@ -2,7 +2,8 @@
 
 Each mutant replaces one exact piece of source text by a wrong one (a sign flip, a dropped
 term, an off-by-one, a wrong momentum or bias correction) in a *copy* of ``src/`` and
-``tests/`` made in a temporary directory; the working tree is never touched. The tests
+``tests/`` (from a snapshot taken at the start) in a temporary directory; the working tree
+is never touched. The tests
 named for the mutant then run there (``pytest -x -q``, with ``PYTHONPATH`` pointing at
 the copy). The copy always has the same path and the kernels their own cache
 (``BNLAB_CACHE_DIR``) in that directory, so they are compiled once per run, never into the
@@ -12,7 +13,7 @@ it *survived* when they pass. A mutant whose target text is not found exactly on
 a stale mutant is never counted as caught. The unmutated copy must pass every chosen test
 first. Exit status: 0 when every mutant is caught, 1 otherwise, 2 for stale mutants.
 
-    python scripts/mutants.py            # all of them (about 15-25 min on 2 cores)
+    python scripts/mutants.py            # all of them (about an hour on 2 busy cores)
     python scripts/mutants.py --list     # names, files and tests
     python scripts/mutants.py ref-dx-sign nn-momentum   # a few, by name
 """
