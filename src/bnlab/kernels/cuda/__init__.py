@@ -9,8 +9,10 @@ Nothing here imports Triton or touches CUDA until asked: :func:`available` check
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import os
+import re
 
 __all__ = ["available", "backward", "flush_reports", "forward", "interpreted", "register"]
 
@@ -22,9 +24,30 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def available() -> bool:
-    """Whether the kernels can run here: Triton installed and a CUDA device (or the interpreter)."""
+#: The oldest Triton the kernels run on (pyproject's ``cuda`` extra). Older CUDA builds of
+#: torch ship an older Triton (torch 2.6: 3.2, whose interpreter fails on these kernels); there
+#: bnlab's CUDA inputs take torch's native kernel instead (with bnlab's checks).
+MIN_TRITON = (3, 6)
+
+
+def triton_version() -> tuple[int, ...] | None:
+    """The installed Triton's (major, minor), from its metadata (Triton is not imported)."""
     if importlib.util.find_spec("triton") is None:
+        return None
+    for distribution in ("triton", "pytorch-triton"):
+        try:
+            version = importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        return tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+    return MIN_TRITON  # importable but without metadata (a source checkout): assume recent
+
+
+def available() -> bool:
+    """Whether the kernels can run here: Triton >= MIN_TRITON installed and a CUDA device (or
+    the interpreter)."""
+    version = triton_version()
+    if version is None or version < MIN_TRITON:
         return False
     if interpreted():
         return True
