@@ -21,6 +21,9 @@ from bnlab import nn as bnn
 from bnlab.nn.batchnorm import _BatchNorm
 
 DEVICE = torch.device(os.environ.get("BNLAB_TEST_DEVICE", "cpu"))
+if DEVICE.type == "cuda":  # TF32 convolutions would round away the float32 agreement checked
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
 TORCH_BN = nn.modules.batchnorm._BatchNorm
 
 
@@ -147,7 +150,13 @@ def check_functional(reference: nn.Module, ours: nn.Module, x: Tensor, target: T
 
 
 def graph_breaks(model: nn.Module, x: Tensor) -> None:
-    """``torch._dynamo.explain`` finds one graph and no break, in training and in eval."""
+    """``torch._dynamo.explain`` finds one graph and no break, in training and in eval.
+
+    One eager call comes first (as in a session that ran the model before compiling it); a
+    process whose first bnlab call is compiled is tested on its own in test_compile.py.
+    """
+    with torch.no_grad():
+        copy.deepcopy(model).eval()(x)
     for training in (True, False):
         torch._dynamo.reset()
         probe = copy.deepcopy(model).train(training)
