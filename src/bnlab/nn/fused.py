@@ -6,15 +6,13 @@ torch's BatchNorm parameters, buffers and ``state_dict`` keys (the activation an
 optional ``drop`` module are children without state, as in timm's ``BatchNormAct2d``), so
 checkpoints of torch BN, timm's BN+act and bnlab's load into each other.
 
-With ``act="relu"`` (or an ``nn.ReLU``), no ``drop``, and the fused operator available, the
-add and the ReLU run inside bnlab's BN kernel: one pass over the output, and a backward that
+With ``act="relu"`` (or an ``nn.ReLU``) and no ``drop``, the add and the ReLU run inside
+bnlab's BN operator: one pass over the output, and a backward that
 masks ``dy`` with ``out > 0`` (``∂L/∂residual = dy · [out > 0]``). Any other activation
 module runs after the kernel, as a separate op.
 """
 
 from __future__ import annotations
-
-import inspect
 
 from torch import Tensor, nn
 
@@ -30,15 +28,6 @@ ACTIVATIONS = {
     "hardswish": nn.Hardswish,
     "gelu": nn.GELU,
 }
-
-
-def _kernel_has_fusion() -> bool:
-    """Whether ``bnlab.functional.batch_norm`` takes ``residual=`` and ``activation=``."""
-    parameters = inspect.signature(F.batch_norm).parameters
-    return "residual" in parameters and "activation" in parameters
-
-
-_FUSION = _kernel_has_fusion()
 
 
 def activation_module(act: str | nn.Module | None) -> nn.Module:
@@ -95,7 +84,7 @@ class _BatchNormAct(_BatchNorm):
             momentum,
             self.eps,
         )
-        if _FUSION and type(self.drop) is nn.Identity:  # the add (and a ReLU) in the kernel
+        if type(self.drop) is nn.Identity:  # the add (and a ReLU) in the kernel
             relu = type(self.act) is nn.ReLU
             activation = "relu" if relu else None
             out = F.batch_norm(*args, nonfinite=self.nonfinite, residual=residual, activation=activation)  # fmt: skip
