@@ -98,3 +98,19 @@ def test_mnist1d_sanity_against_published():
     assert mnist1d_sanity.verdict(good).supported is True
     bad = {"models": {"mlp": [_correct(0.50, 1000, s) for s in range(3)], "cnn": good["models"]["cnn"]}}  # fmt: skip
     assert mnist1d_sanity.verdict(bad).supported is False
+
+
+def test_quick_mode_decides_only_robust_findings():
+    robust = Finding("a", True, "r", "rule", "robust: the same verdict at thresholds 1, 2")
+    fragile = Finding("b", False, "r", "rule", "sensitive: flips at 2 → inconclusive")
+    verdict = Verdict.of([robust, fragile], "note")
+    assert verdict.supported is False and verdict.in_mode("full") is verdict
+    quick = verdict.in_mode("quick")
+    assert [f.supported for f in quick.findings] == [True, None] and quick.note == "note"
+    assert verdict.label_in("quick") == "inconclusive in quick mode"
+
+
+def test_mnist1d_sanity_needs_the_published_budget():
+    short = {"steps": 1500, "models": {"mlp": [_correct(0.68, 1000, s) for s in range(3)]}}
+    verdict = mnist1d_sanity.verdict(short)
+    assert verdict.supported is None and "fewer than the published 6000" in verdict.summary

@@ -47,6 +47,7 @@ def _findings_rows(verdict, mode: str) -> list[tuple[str, str, str, str, str]]:
     """(sub-claim, verdict label, result, rule, sensitivity) rows; one row if no findings."""
     if not verdict.findings:
         return [("the claim", verdict.label_in(mode), verdict.summary, "", "")]
+    verdict = verdict.in_mode(mode)
     quick = mode == "quick"
     return [
         (f.claim, _finding_label(f, quick), f.result, f.rule, f.sensitivity)
@@ -56,7 +57,7 @@ def _findings_rows(verdict, mode: str) -> list[tuple[str, str, str, str, str]]:
 
 def _finding_label(finding, quick: bool) -> str:
     if finding.context:
-        return "context (outside the claim's regime)"
+        return "context (does not decide)"
     if quick and finding.supported is None:
         return "inconclusive in quick mode"
     return verdict_label(finding.supported)

@@ -107,7 +107,7 @@ def _run(name, quick, root, progress, echo, overrides) -> Path:
         atomic_write_text(run_dir / "log.txt", "\n".join(ctx.lines) + "\n")
         raise
     seconds = time.perf_counter() - started
-    verdict = experiment.verdict(metrics)
+    verdict = experiment.verdict(metrics).in_mode(mode)
     ctx.log(f"claim: {experiment.claim}")
     ctx.log(f"verdict: {verdict.label_in(mode)}: {verdict.summary}")
     ctx.log(f"runtime: {seconds:.1f} s (kernel loading before it: {warm_up:.1f} s)")

@@ -65,6 +65,7 @@ class Verdict:
     supported: bool | None
     summary: str
     findings: tuple[Finding, ...] = ()
+    note: str = ""
 
     @classmethod
     def of(cls, findings: Sequence[Finding], note: str = "") -> Verdict:
@@ -78,15 +79,30 @@ class Verdict:
             supported = None
         parts = [f"{f.claim}: {'context' if f.context else verdict_label(f.supported)} — {f.result}" for f in findings]  # fmt: skip
         summary = " ".join(p if p.endswith(".") else p + "." for p in parts)
-        return cls(supported, (summary + (" " + note if note else "")).strip(), tuple(findings))
+        return cls(
+            supported, (summary + (" " + note if note else "")).strip(), tuple(findings), note
+        )
 
     @property
     def label(self) -> str:
         return verdict_label(self.supported)
 
+    def in_mode(self, mode: str) -> Verdict:
+        """The verdict as ``mode`` may state it. Quick mode decides a sub-claim only where the
+        decision is robust (the same at the neighbouring thresholds of its sensitivity line);
+        otherwise the sub-claim is left undecided there."""
+        if mode != "quick" or not self.findings:
+            return self
+        findings = [
+            dataclasses.replace(f, supported=None) if f.sensitivity.startswith("sensitive") else f
+            for f in self.findings
+        ]
+        return Verdict.of(findings, self.note) if findings != list(self.findings) else self
+
     def label_in(self, mode: str) -> str:
         """The label, saying 'inconclusive in quick mode' where quick mode cannot decide."""
-        return "inconclusive in quick mode" if mode == "quick" and self.supported is None else self.label  # fmt: skip
+        verdict = self.in_mode(mode)
+        return "inconclusive in quick mode" if mode == "quick" and verdict.supported is None else verdict.label  # fmt: skip
 
 
 @dataclass
