@@ -28,7 +28,7 @@ CASES = [
     (
         "initializers",
         {"data": "spirals", "hidden": (16, 16), "steps": 100, "eval_every": 20, "num_seeds": 2},
-        None,
+        0,
     ),
     (
         "lr-sweep",
