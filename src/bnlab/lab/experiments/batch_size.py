@@ -115,8 +115,8 @@ def verdict(metrics: dict) -> Verdict:
     cells = np.stack([_cells(metrics, "renorm")[0], _cells(metrics, "bn")[0]])
     renorm = stats.bootstrap(cells, lambda m: m[:, 0] - m[:, 1], resamples=1000)
     findings = [
-        Finding(f"BN's accuracy falls from batch {usual_label} to batch {sizes[0]}", stats.exceeds(bn_drop, DROP),
-                f"BN loses {bn_drop.format('+.1f', 100, ' points')} ({accuracy('bn', usual[0])} → {accuracy('bn', 0)})",
+        Finding("BN's accuracy falls from the usual batch (16–32) to the smallest", stats.exceeds(bn_drop, DROP),
+                f"from batch {usual_label} to batch {sizes[0]} BN loses {bn_drop.format('+.1f', 100, ' points')} ({accuracy('bn', usual[0])} → {accuracy('bn', 0)})",
                 f"supported if the interval of the loss lies above {DROP * 100:g} points, refuted if below",
                 stats.sensitivity(lambda t: stats.exceeds(bn_drop, t), DROP, (0.01, 0.05), lambda t: f"{t * 100:g} points")),
         Finding(f"GroupNorm's accuracy stays flat (±{DROP * 100:g} points)", stats.equivalent(gn_interval, DROP),
@@ -124,8 +124,8 @@ def verdict(metrics: dict) -> Verdict:
                 f"{gn_interval.low * 100:+.1f} to {gn_interval.high * 100:+.1f})",
                 f"equivalent (supported) if the 90% interval lies inside ±{DROP * 100:g} points, refuted if wholly outside",
                 stats.sensitivity(lambda m: stats.equivalent(gn_interval, m), DROP, (0.01, 0.05), lambda m: f"±{m * 100:g} points")),
-        Finding(f"Batch Renorm beats BN at batch {sizes[0]}", stats.exceeds(renorm, BEATS),
-                f"Batch Renorm − BN {renorm.format('+.1f', 100, ' points')} ({accuracy('renorm', 0)} vs {accuracy('bn', 0)})",
+        Finding("Batch Renorm beats BN at the smallest batch", stats.exceeds(renorm, BEATS),
+                f"at batch {sizes[0]}: Batch Renorm − BN {renorm.format('+.1f', 100, ' points')} ({accuracy('renorm', 0)} vs {accuracy('bn', 0)})",
                 f"supported if the interval lies above {BEATS * 100:g} point, refuted if below",
                 stats.sensitivity(lambda t: stats.exceeds(renorm, t), BEATS, (0.0, 0.02), lambda t: f"{t * 100:g} points")),
     ]  # fmt: skip

@@ -205,8 +205,7 @@ def verdict(metrics: dict) -> Verdict:
     noisy = _ratio(metrics, "noisy-bn", "bn", "beta", levels)
     findings.append(Finding(
         "noisy BN is as smooth as BN", stats.equivalent(stats.Interval(*(np.log10(v) for v in (noisy.estimate, noisy.low, noisy.high))), np.log10(SMOOTHER)),
-        f"β at matched loss, noisy BN / BN {noisy.format('.3g')}× — reported beside its accuracy: if it trains as well while "
-        "being less smooth, smoothness alone does not explain BN's benefit here",
+        f"β at matched loss, noisy BN / BN {noisy.format('.3g')}× (read beside the accuracy row above)",
         f"context: within a factor {SMOOTHER} counts as equally smooth", "", context=True,
     ))  # fmt: skip
     accuracies = {
