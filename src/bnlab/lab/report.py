@@ -201,7 +201,7 @@ def markdown_table(root: str | Path) -> str:
             for claim, lab, result, *_ in _findings_rows(_verdict_of(config, saved), mode):
                 rows.setdefault(claim, {})[mode] = (lab, result)
         for claim, by_mode in rows.items():
-            quick = by_mode.get("quick", ("not run", ""))[0]
+            quick = by_mode.get("quick", ("— (not in quick mode)", ""))[0]
             full, result = by_mode.get("full", ("not run", ""))
             lines.append(f"| `{experiment_dir.name}` | {claim} | {quick} | {full} | {result} |")
     return "\n".join(lines) + "\n"
