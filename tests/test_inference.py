@@ -179,13 +179,22 @@ def test_export_onnx_runs_in_onnxruntime(tmp_path):
         export_onnx(model, [1, 2], tmp_path / "x.onnx")
 
 
-def test_time_inference_measures_both_models():  # the speed-up is reported, not asserted
-    from bnlab.inference import time_inference
+def test_time_inference_is_the_median_after_warm_up(monkeypatch):
+    import bnlab.inference.timing as timing
 
-    x = torch.randn(8, 3, 32, 32)
-    model = trained(SmallResNet(), x)
-    folded = fold_batchnorm(model)
-    assert time_inference(model, x, repeats=3) > 0 and time_inference(folded, x, repeats=3) > 0
+    warm_up = [0.0, 1.0, 2.0]  # a warm-up pass reads the clock once (its start)
+    timed = [(10.0, 0.004), (20.0, 0.001), (30.0, 0.003), (40.0, 0.002), (50.0, 0.005)]
+    stamps = iter(warm_up + [t for start, d in timed for t in (start, start + d)])
+
+    def fake_clock():
+        return next(stamps)
+
+    monkeypatch.setattr(timing, "perf_counter", fake_clock)
+    calls = []
+    model = nn.Linear(2, 2).train()
+    model.register_forward_hook(lambda module, _i, _o: calls.append(module.training))
+    assert timing.time_inference(model, torch.randn(1, 2), repeats=5) == pytest.approx(3.0)
+    assert calls == [False] * 8, "eval mode, 3 warm-up + 5 timed passes"
 
 
 def test_cli_fold_full_model_torchscript_and_bad_files(tmp_path):

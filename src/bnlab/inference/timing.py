@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import statistics
-import time
+from time import perf_counter
 
 import torch
 from torch import nn
@@ -15,8 +15,8 @@ def time_inference(model: nn.Module, example: torch.Tensor, repeats: int = 30) -
     times = []
     with torch.no_grad():
         for i in range(repeats + 3):
-            started = time.perf_counter()
+            started = perf_counter()
             model(example)
             if i >= 3:
-                times.append(time.perf_counter() - started)
+                times.append(perf_counter() - started)
     return 1e3 * statistics.median(times)
