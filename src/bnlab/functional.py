@@ -42,7 +42,7 @@ from bnlab.kernels.composite import (
 )
 from bnlab.kernels.function import BatchNormFunction, Operators
 
-__all__ = ["batch_norm", "batch_stats", "compute_dtype", "grad_input_from_means", "per_channel", "reduce_dims"]  # fmt: skip
+__all__ = ["apply_batch_norm", "batch_norm", "batch_stats", "compute_dtype", "grad_input_from_means", "per_channel", "reduce_dims"]  # fmt: skip
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 NONFINITE_POLICIES = ("skip", "raise", "propagate")
@@ -213,6 +213,16 @@ def batch_norm(
     """
     check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum, eps)
     _check_fusion_args(input, residual, activation, nonfinite)
+    return apply_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                            nonfinite, residual, activation)  # fmt: skip
+
+
+def apply_batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+                     weight: Tensor | None, bias: Tensor | None, training: bool, momentum: float,
+                     eps: float, nonfinite: str = "skip", residual: Tensor | None = None,
+                     activation: str | None = None) -> Tensor:  # fmt: skip
+    """:func:`batch_norm` without its argument checks, for callers that hold validated state
+    (bnlab's modules check their input; the operators still check sizes)."""
     empty = not torch.jit.is_tracing() and input.numel() == 0  # (a traced numel is a tensor)
     if empty or not kernels.supports(input):
         # Other devices use torch's native kernel; an empty batch leaves the statistics alone.
@@ -227,7 +237,8 @@ def batch_norm(
         return kernels.OPS.batch_norm(*args)[0]  # one node for compile, export and trace
     if _transforms_active():
         return BatchNormFunction.apply(*args, Operators)[0]
-    entry = kernels.DIRECT if input.device.type == "cpu" else kernels.OPS  # same node and kernels
+    cpu = input.device.type == "cpu"  # then the same node and kernels, entered directly
     if _needs_graph(input, weight, bias, residual):
-        return entry.batch_norm(*args)[0]
-    return entry.batch_norm_forward(*args)[0]  # no autograd: skip the node
+        return (kernels.DIRECT if cpu else kernels.OPS).batch_norm(*args)[0]
+    # No autograd: the forward alone.
+    return kernels.DIRECT.normalize(*args) if cpu else kernels.OPS.batch_norm_forward(*args)[0]

@@ -16,6 +16,8 @@ from torch import Tensor, nn
 from bnlab import functional as F
 from bnlab.compat import TORCH_BN_HAS_BIAS
 
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
 
 class _NormBase(nn.Module):
     """Parameters, buffers, resets and checkpoint compatibility shared by bnlab's norms.
@@ -120,6 +122,11 @@ class _NormBase(nn.Module):
                 f"input: expected {expected} input (got {input.dim()}D input "
                 f"of shape {tuple(input.shape)})"
             )
+        if input.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"input: expected float16, bfloat16, float32 or float64, got {input.dtype}")  # fmt: skip
+        state = self.weight if self.weight is not None else self.running_mean
+        if state is not None and state.device != input.device:
+            raise ValueError(f"input: expected device {state.device} like the module's state, got {input.device}")  # fmt: skip
         if not torch.jit.is_tracing() and input.shape[1] != self.num_features:  # trace: op checks
             raise ValueError(
                 f"input: expected {self.num_features} channels (num_features) at dim 1, "
@@ -167,7 +174,12 @@ class _BatchNorm(_NormBase):
         momentum = self._averaging_factor()
         use_batch_stats = self.training or self.running_mean is None
         track = not self.training or self.track_running_stats
-        return F.batch_norm(
+        if use_batch_stats and not torch.jit.is_tracing() and input.numel() == input.shape[1] > 0:
+            raise ValueError(
+                "input: Expected more than 1 value per channel when training, "
+                f"got input size {input.shape}"
+            )
+        return F.apply_batch_norm(  # the module's own state needs no re-validation
             input,
             self.running_mean if track else None,
             self.running_var if track else None,
@@ -176,7 +188,7 @@ class _BatchNorm(_NormBase):
             use_batch_stats,
             momentum,
             self.eps,
-            nonfinite=self.nonfinite,
+            self.nonfinite,
         )
 
 

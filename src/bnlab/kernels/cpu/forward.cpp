@@ -95,12 +95,15 @@ std::string channel_list(const std::vector<bool>& bad) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(
+namespace {
+
+// The forward; the per-channel results (shift, mean_d, invstd, bad) only if `want_stats`.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
     const at::Tensor& input, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& residual,
     const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
     bool training, double momentum, double eps, int64_t activation, int64_t nonfinite,
-    bool report) {
+    bool report, bool want_stats) {
   TORCH_CHECK(input.dim() >= 2, "input: expected a tensor (N, C, *), got ", input.dim(), "-d");
   TORCH_CHECK(training || (running_mean.has_value() && running_var.has_value()),
               "running_mean, running_var: expected tensors in evaluation mode");
@@ -197,12 +200,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_c
                      "; their running statistics were not updated");
     }
   }
+  if (out.strides() != input.strides()) out = at::empty_like(input).copy_(out);  // unusual layout
+  if (!want_stats) return {out, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   at::Tensor bad_t = at::empty({C}, input.options().dtype(at::kBool));
   for (int64_t c = 0; c < C; ++c) bad_t.data_ptr<bool>()[c] = bad[c];
-  if (!out.is_same(input) && out.strides() != input.strides()) {  // an unusual dense layout
-    out = at::empty_like(input).copy_(out);
-  }
   return {out, vector_tensor(shift, acc), vector_tensor(mean_d, acc), vector_tensor(invstd, acc), bad_t};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(
+    const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& residual,
+    const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
+    bool training, double momentum, double eps, int64_t activation, int64_t nonfinite,
+    bool report) {
+  return forward_impl(input, weight, bias, residual, running_mean, running_var, training,
+                      momentum, eps, activation, nonfinite, report, true);
+}
+
+at::Tensor normalize_cpu(
+    const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& residual,
+    const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
+    bool training, double momentum, double eps, int64_t activation, int64_t nonfinite,
+    bool report) {
+  return std::get<0>(forward_impl(input, weight, bias, residual, running_mean, running_var,
+                                  training, momentum, eps, activation, nonfinite, report, false));
 }
 
 }  // namespace bnlab

@@ -20,6 +20,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_c
     bool training, double momentum, double eps, int64_t activation, int64_t nonfinite,
     bool report);
 
+// forward_cpu's output alone (no autograd to feed): skips the per-channel results.
+at::Tensor normalize_cpu(
+    const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& residual,
+    const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
+    bool training, double momentum, double eps, int64_t activation, int64_t nonfinite,
+    bool report);
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& input, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& output, const at::Tensor& shift, const at::Tensor& mean_d,

@@ -199,7 +199,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // boxing): the same autograd node and kernels, entered directly. Compiled, traced and
   // exported code, and other devices, go through torch.ops.bnlab.
   m.def("batch_norm", &batch_norm_autograd, "bnlab::batch_norm, entered directly");
-  m.def("batch_norm_forward", &bnlab::forward_cpu, "bnlab::batch_norm_forward on CPU, entered directly");
+  m.def("normalize", &bnlab::normalize_cpu, "bnlab::batch_norm_forward's output alone, on CPU");
   m.def("pool_stats", [] {
     auto s = bnlab::pool_stats();
     return std::make_tuple(s.idle_bytes, s.idle_blocks, s.max_idle_bytes, s.hits, s.misses);
