@@ -114,3 +114,9 @@ def test_mnist1d_sanity_needs_the_published_budget():
     short = {"steps": 1500, "models": {"mlp": [_correct(0.68, 1000, s) for s in range(3)]}}
     verdict = mnist1d_sanity.verdict(short)
     assert verdict.supported is None and "fewer than the published 6000" in verdict.summary
+
+
+def test_momentum_cells_train_until_the_running_averages_converge():
+    assert momentum.steps_for(0.9, 4, 12000) == 3000  # enough examples already
+    steps = momentum.steps_for(0.01, 64, 12000)  # 187 steps would leave 15% on the init
+    assert steps == 459 and 0.99**steps <= 0.01 < 0.99 ** (steps - 1)
