@@ -136,8 +136,13 @@ def consistency_rows(run_dirs: list[Path]) -> list[tuple[str, str, str, str, str
             config, saved = load_run(run_dir)
             labelled[mode] = {c: lab for c, lab, *_ in _findings_rows(_verdict_of(config, saved), mode)}  # fmt: skip
         for claim in labelled["full"]:
-            quick, full = labelled["quick"].get(claim, "—"), labelled["full"][claim]
-            agree = "yes" if quick == full else ("quick undecided" if quick.startswith("inconclusive") else "NO")  # fmt: skip
+            quick, full = labelled["quick"].get(claim), labelled["full"][claim]
+            if quick is None:
+                quick, agree = "— (not in quick mode)", "—"
+            elif quick == full:
+                agree = "yes"
+            else:
+                agree = "quick undecided" if quick.startswith("inconclusive") else "NO"
             rows.append((experiment_dir.name, claim, quick, full, agree))
     return rows
 
