@@ -45,13 +45,13 @@ CASES = [
         "momentum",
         {
             "data": "spirals",
-            "momenta": (0.01, 0.9),
+            "momenta": (0.1, 0.9),
             "batch_sizes": (2, 64),
             "hidden": (16,),
             "examples": 1000,
             "num_seeds": 2,
         },
-        None,
+        0,
     ),
     (
         "convergence",
