@@ -43,13 +43,6 @@ print(explanation.graph_break_count, [str(r.reason)[:200] for r in explanation.b
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core (#10): bnlab.functional.batch_norm -> kernels.usable() -> kernels.load() enters "
-    "a threading.Lock; when a process's first bnlab call is under torch.compile, dynamo "
-    "graph-breaks on it ('Unsupported context manager', 3 breaks in resnet_basic). Remove "
-    "this mark with the fix: strict, so the fix makes this test fail until then.",
-)
 def test_no_graph_breaks_when_compile_is_the_first_call_in_a_process():
     """A user's first bnlab call may be under torch.compile (kernels not loaded yet)."""
     tests = str(Path(__file__).resolve().parents[1])

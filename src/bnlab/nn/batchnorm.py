@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from bnlab import functional as F
+from bnlab import kernels
 from bnlab.compat import TORCH_BN_HAS_BIAS
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -77,6 +78,8 @@ class _NormBase(nn.Module):
             self.register_buffer("running_var", None)
             self.register_buffer("num_batches_tracked", None)
         self.reset_parameters()
+        if kernels.enabled():
+            kernels.load()  # now, not on a first call that torch.compile may be tracing
 
     def reset_running_stats(self) -> None:
         """Running mean to 0, running variance to 1, ``num_batches_tracked`` to 0."""
