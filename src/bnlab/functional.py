@@ -20,10 +20,13 @@ Where it runs (one operation, several doors):
 
 Non-finite batch statistics (NaN/Inf in the input) propagate into the output exactly as in
 torch; what they do to the running statistics is the ``nonfinite`` policy, applied inside the
-operator, which also names the affected channels — a ``RuntimeWarning`` ('skip') or a
-``FloatingPointError`` ('raise') — in eager mode and inside compiled or traced code alike. On
-CUDA the 'skip' warning is deferred until the channel mask's copy to the host has landed
-(no device sync; ``bnlab.kernels.cuda.flush_reports()`` forces it).
+operator in every mode. In eager mode the affected channels are named by a ``RuntimeWarning``
+('skip') or a ``FloatingPointError`` ('raise'); on CUDA the 'skip' warning is deferred until
+the channel mask's copy to the host has landed (no device sync;
+``bnlab.kernels.cuda.flush_reports()`` forces it). Inside compiled, traced or ``torch.func``
+code nothing can read the mask in Python, so the operator reports itself: a C++ warning
+(forwarded to Python's ``warnings`` as a ``UserWarning`` where torch's handler is installed,
+otherwise logged to stderr) or a ``RuntimeError`` for 'raise'.
 """
 
 from __future__ import annotations
@@ -171,6 +174,17 @@ def _needs_graph(*tensors: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def _report(bad: Tensor, policy: int) -> None:
+    """Name non-finite channels after an eager call (RuntimeWarning / FloatingPointError); on
+    CUDA without stalling the device for 'skip' (deferred until the mask reaches the host)."""
+    if bad.device.type == "cuda":
+        from bnlab.kernels.cuda import report
+
+        report.report(bad, policy)
+    elif bool(bad.any()):
+        composite.report_nonfinite(bad, policy)
+
+
 def _transforms_active() -> bool:
     """Whether a torch.func transform (grad, vmap, ...) is running this call."""
     return torch._C._are_functorch_transforms_active()
@@ -228,17 +242,22 @@ def apply_batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Te
         # Other devices use torch's native kernel; an empty batch leaves the statistics alone.
         return _torch_native(input, running_mean, running_var, weight, bias, training, momentum, eps, residual, activation)  # fmt: skip
     graph = _graph_mode()
+    transformed = not graph and _transforms_active()
+    policy = _POLICY_CODES[nonfinite]
+    # Compiled, traced or transformed code cannot read `bad` in Python: the operator reports.
     args = (input, weight, bias, residual, running_mean, running_var, bool(training),
-            float(momentum), float(eps), _ACTIVATION_CODES[activation], _POLICY_CODES[nonfinite],
-            True)  # the operator reports non-finite channels itself  # fmt: skip
+            float(momentum), float(eps), _ACTIVATION_CODES[activation], policy, graph or transformed)  # fmt: skip
     if not kernels.usable(input):
-        return BatchNormFunction.apply(*args, composite)[0]
-    if graph:
+        out, bad = BatchNormFunction.apply(*args, composite)[:2]
+    elif graph:
         return kernels.OPS.batch_norm(*args)[0]  # one node for compile, export and trace
-    if _transforms_active():
+    elif transformed:
         return BatchNormFunction.apply(*args, Operators)[0]
-    cpu = input.device.type == "cpu"  # then the same node and kernels, entered directly
-    if _needs_graph(input, weight, bias, residual):
-        return (kernels.DIRECT if cpu else kernels.OPS).batch_norm(*args)[0]
-    # No autograd: the forward alone.
-    return kernels.DIRECT.normalize(*args) if cpu else kernels.OPS.batch_norm_forward(*args)[0]
+    elif not training and not _needs_graph(input, weight, bias, residual):  # the forward alone
+        cpu = input.device.type == "cpu"
+        return kernels.DIRECT.normalize(*args) if cpu else kernels.OPS.batch_norm_forward(*args)[0]
+    else:  # on CPU the same node and kernels, entered directly
+        out, bad = (kernels.DIRECT if input.device.type == "cpu" else kernels.OPS).batch_norm(*args)
+    if training and policy != composite.PROPAGATE and not (graph or transformed):
+        _report(bad, policy)
+    return out

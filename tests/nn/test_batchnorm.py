@@ -208,3 +208,22 @@ def test_batch_of_one_is_fine_in_eval():
 def test_bad_constructor_arguments_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
         bnn.BatchNorm2d(**kwargs)
+
+
+def test_a_refused_batch_is_not_counted():
+    """nonfinite='raise' leaves every statistic unchanged, num_batches_tracked included, so a
+    cumulative average (momentum=None) stays right after the error."""
+    ours, theirs = (
+        bnn.BatchNorm1d(2, momentum=None, nonfinite="raise"),
+        torch.nn.BatchNorm1d(2, momentum=None),
+    )
+    good = [torch.randn(8, 2, generator=torch.Generator().manual_seed(s)) + 5 for s in (0, 1)]
+    bad = good[0].clone()
+    bad[0, 1] = float("nan")
+    ours(good[0]), theirs(good[0])
+    with pytest.raises(FloatingPointError):
+        ours(bad)
+    ours(good[1]), theirs(good[1])
+    assert int(ours.num_batches_tracked) == int(theirs.num_batches_tracked) == 2
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean)
+    torch.testing.assert_close(ours.running_var, theirs.running_var)

@@ -55,7 +55,7 @@ def _unpickle(path: Path, trust_file: bool):
             f"{path}: refused to unpickle: it needs {needs}, which is not among torch's and "
             "bnlab's module classes, and unpickling it could run any code the file holds. "
             "Pass --trust-file (trust_file=True) only for a file you trust, or save the model "
-            "as TorchScript (torch.jit.save(torch.jit.script(model), path))"
+            "as TorchScript (torch.jit.save(torch.jit.trace(model, example), path))"
         ) from None
 
 
@@ -71,6 +71,9 @@ def load_model(path: Path, trust_file: bool = False) -> nn.Module | torch.jit.Sc
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
             if any(name.endswith("/code/__torch__.py") or "/code/" in name for name in archive.namelist()):  # fmt: skip
+                from bnlab import kernels
+
+                kernels.load()  # a traced bnlab model calls the bnlab:: operators
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", DeprecationWarning)
                     return torch.jit.load(str(path), map_location="cpu")
@@ -83,7 +86,7 @@ def load_model(path: Path, trust_file: bool = False) -> nn.Module | torch.jit.Sc
     if isinstance(loaded, dict):
         raise ValueError(
             f"{path}: holds a dict (a state_dict?), not a model; save the whole model with "
-            "torch.save(model) or torch.jit.save(torch.jit.script(model))"
+            "torch.save(model) or torch.jit.save(torch.jit.trace(model, example))"
         )
     if not isinstance(loaded, nn.Module):
         raise ValueError(f"{path}: holds a {type(loaded).__name__}, not a torch.nn.Module")

@@ -40,12 +40,14 @@ def _cpu_signature() -> str:
 
 
 def build_key() -> str:
-    """Cache key: the sources, the flags, torch, Python and the CPU's instruction set."""
+    """Cache key: the sources, the flags, torch (version and installation: ninja's build
+    file names its headers, so two environments must not share a build), Python and the
+    CPU's instruction set."""
     digest = hashlib.sha256()
     for name in (*SOURCES, *HEADERS):
         digest.update(name.encode())
         digest.update((SOURCE_DIR / name).read_bytes())
-    for part in (" ".join(FLAGS), torch.__version__, sys.version, _cpu_signature()):
+    for part in (" ".join(FLAGS), torch.__version__, str(Path(torch.__file__).parent), sys.version, _cpu_signature()):  # fmt: skip
         digest.update(part.encode())
     return digest.hexdigest()[:16]
 

@@ -60,20 +60,21 @@ def grad_input_from_means(dy: Tensor, x_hat: Tensor, mean_dy: Tensor, mean_dy_xh
     return (dy - per_channel(mean_dy, dy) - x_hat * per_channel(mean_dy_xhat, dy)) * per_channel(gain, dy)  # fmt: skip
 
 
-def report_nonfinite(bad: Tensor, nonfinite: int) -> None:
+def report_nonfinite(bad: Tensor, nonfinite: int, in_operator: bool = False) -> None:
     """Name the channels of ``bad`` whose batch statistics are not finite: a RuntimeWarning
-    (SKIP) or a FloatingPointError (RAISE) — the same messages the C++ operator raises."""
+    (SKIP) or a FloatingPointError (RAISE) after an eager call; with ``in_operator`` the
+    UserWarning / RuntimeError the C++ operator raises inside compiled code (same messages)."""
     channels = bad.nonzero().flatten().tolist()
     listed = f"[{', '.join(map(str, channels[:10]))}{', ...' if len(channels) > 10 else ''}]"
     if nonfinite == RAISE:
-        raise FloatingPointError(
+        raise (RuntimeError if in_operator else FloatingPointError)(
             f"batch_norm: non-finite batch statistics in channel(s) {listed}; running "
             "statistics left unchanged (nonfinite='raise')"
         )
     warnings.warn(
         f"batch_norm: non-finite batch statistics in channel(s) {listed}; their running "
         "statistics were not updated",
-        RuntimeWarning,
+        UserWarning if in_operator else RuntimeWarning,
         stacklevel=4,
     )
 
@@ -118,7 +119,7 @@ def forward(input, weight, bias, residual, running_mean, running_var, training, 
         bad = update_running(running_mean, running_var, (shift + mean_d).detach(), unbiased,
                              momentum, nonfinite)  # fmt: skip
         if report and nonfinite != PROPAGATE and bool(bad.any()):
-            report_nonfinite(bad, nonfinite)
+            report_nonfinite(bad, nonfinite, in_operator=True)
     else:
         shift = running_mean.to(acc, copy=True)  # later in-place updates must not leak
         mean_d = torch.zeros_like(shift)

@@ -182,17 +182,24 @@ class _BatchNorm(_NormBase):
                 "input: Expected more than 1 value per channel when training, "
                 f"got input size {input.shape}"
             )
-        return F.apply_batch_norm(  # the module's own state needs no re-validation
-            input,
-            self.running_mean if track else None,
-            self.running_var if track else None,
-            self.weight,
-            self.bias,
-            use_batch_stats,
-            momentum,
-            self.eps,
-            self.nonfinite,
-        )
+        try:
+            return F.apply_batch_norm(  # the module's own state needs no re-validation
+                input,
+                self.running_mean if track else None,
+                self.running_var if track else None,
+                self.weight,
+                self.bias,
+                use_batch_stats,
+                momentum,
+                self.eps,
+                self.nonfinite,
+            )
+        except (FloatingPointError, RuntimeError) as error:  # nonfinite='raise': not counted
+            if "nonfinite='raise'" not in str(error):
+                raise
+            if self.training and self.track_running_stats:
+                self.num_batches_tracked.sub_(1)
+            raise
 
 
 class BatchNorm1d(_BatchNorm):

@@ -190,14 +190,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_i
       at::Tensor running = *running_var;
       update_running(running, unbiased, momentum, update);
     }
+    // Inside compiled or traced code nothing runs after the operator to read `bad`, so it
+    // reports itself: a C++ warning (torch forwards it to Python's warnings where its
+    // handler is installed, else logs it) or an error (a Python RuntimeError).
     if (report && bad_count && nonfinite != kPropagate) {
       const std::string channels = channel_list(bad);
-      if (nonfinite == kRaise) {
-        python_floating_point_error("batch_norm: non-finite batch statistics in channel(s) " +
-                                    channels + "; running statistics left unchanged (nonfinite='raise')");
-      }
-      python_warning("batch_norm: non-finite batch statistics in channel(s) " + channels +
-                     "; their running statistics were not updated");
+      TORCH_CHECK(nonfinite != kRaise, "batch_norm: non-finite batch statistics in channel(s) ",
+                  channels, "; running statistics left unchanged (nonfinite='raise')");
+      TORCH_WARN("batch_norm: non-finite batch statistics in channel(s) ", channels,
+                 "; their running statistics were not updated");
     }
   }
   if (out.strides() != input.strides()) out = at::empty_like(input).copy_(out);  // unusual layout

@@ -34,12 +34,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const at::Tensor& invstd, bool training, int64_t activation,
     std::array<bool, 4> output_mask);
 
-// Raise a Python RuntimeWarning / FloatingPointError from inside an operator (ops.cpp): the
-// same exceptions as eager Python, also where no Python runs between operators (compiled
-// and traced code).
-void python_warning(const std::string& message);
-[[noreturn]] void python_floating_point_error(const std::string& message);
-
 // Layout helpers shared by the kernels.
 bool kernel_layout(const at::Tensor& x);                               // contiguous or channels_last dense
 at::Tensor to_kernel_layout(const at::Tensor& x);                      // x, or a contiguous copy

@@ -18,22 +18,6 @@
 #include "kernels.h"
 #include "pool.h"
 
-namespace bnlab {
-
-void python_warning(const std::string& message) {
-  pybind11::gil_scoped_acquire gil;
-  if (PyErr_WarnEx(PyExc_RuntimeWarning, message.c_str(), 1) != 0) {
-    throw pybind11::error_already_set();  // warnings filtered into errors
-  }
-}
-
-void python_floating_point_error(const std::string& message) {
-  pybind11::gil_scoped_acquire gil;
-  PyErr_SetString(PyExc_FloatingPointError, message.c_str());
-  throw pybind11::error_already_set();
-}
-
-}  // namespace bnlab
 
 namespace {
 
