@@ -173,6 +173,10 @@ class _BatchNorm(_NormBase):
         return self.momentum
 
     def forward(self, input: Tensor) -> Tensor:
+        return self._normalize(input)
+
+    def _normalize(self, input: Tensor, residual: Tensor | None = None, activation: str | None = None) -> Tensor:  # fmt: skip
+        """``act(bn(input) + residual)`` with this module's state and torch's train/eval rules."""
         self._check_input(input)
         momentum = self._averaging_factor()
         use_batch_stats = self.training or self.running_mean is None
@@ -193,6 +197,8 @@ class _BatchNorm(_NormBase):
                 momentum,
                 self.eps,
                 self.nonfinite,
+                residual,
+                activation,
             )
         except (FloatingPointError, RuntimeError) as error:  # nonfinite='raise': not counted
             if "nonfinite='raise'" not in str(error):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from bnlab import functional as F
 from bnlab.nn.batchnorm import _BatchNorm
 
 __all__ = ["BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d", "activation_module"]
@@ -71,25 +70,11 @@ class _BatchNormAct(_BatchNorm):
         if residual is not None and (not isinstance(residual, Tensor) or residual.shape != input.shape):  # fmt: skip
             given = tuple(residual.shape) if isinstance(residual, Tensor) else type(residual).__name__  # fmt: skip
             raise ValueError(f"residual: expected a Tensor of input's shape {tuple(input.shape)}, got {given}")  # fmt: skip
-        momentum = self._averaging_factor()
-        use_batch_stats = self.training or self.running_mean is None
-        track = not self.training or self.track_running_stats
-        args = (
-            input,
-            self.running_mean if track else None,
-            self.running_var if track else None,
-            self.weight,
-            self.bias,
-            use_batch_stats,
-            momentum,
-            self.eps,
-        )
         if type(self.drop) is nn.Identity:  # the add (and a ReLU) in the kernel
             relu = type(self.act) is nn.ReLU
-            activation = "relu" if relu else None
-            out = F.batch_norm(*args, nonfinite=self.nonfinite, residual=residual, activation=activation)  # fmt: skip
+            out = self._normalize(input, residual, "relu" if relu else None)
             return out if relu else self.act(out)
-        out = self.drop(F.batch_norm(*args, nonfinite=self.nonfinite))
+        out = self.drop(self._normalize(input))
         if residual is not None:
             out = out + residual
         return self.act(out)
