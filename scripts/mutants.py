@@ -7,7 +7,8 @@ is never touched. The tests
 named for the mutant then run there (``pytest -x -q``, with ``PYTHONPATH`` pointing at
 the copy). The copy always has the same path and the kernels their own cache
 (``BNLAB_CACHE_DIR``) in that directory, so they are compiled once per run, never into the
-user's cache; a C++ mutant gets a cache of its own and costs a rebuild (about a minute). A mutant is *caught* when those tests fail (pytest exit 1);
+user's cache; a C++ mutant is compiled incrementally from that build (its one file, then a
+link) and the pristine build is restored after it. A mutant is *caught* when those tests fail (pytest exit 1);
 it *survived* when they pass. A mutant whose target text is not found exactly once is
 *stale* (the code moved on): the script says so and stops before running anything, so
 a stale mutant is never counted as caught. The unmutated copy must pass every chosen test
@@ -162,10 +163,49 @@ def run_one(mutant: Mutant, workdir: Path, timeout: float) -> tuple[str, float]:
     tree = _fresh_tree(workdir)
     target = tree / mutant.path
     target.write_text(target.read_text().replace(mutant.old, mutant.new, 1))
-    cache = workdir / (f"cache-{mutant.name}" if mutant.cpp else "cache")
-    code = _pytest(tree, mutant.tests, _environment(tree, cache), timeout)
+    cache = workdir / "cache"
+    if mutant.cpp:
+        built = _baseline_build(workdir)
+        if built is None:  # no baseline build to start from: a full build of its own
+            cache = workdir / f"cache-{mutant.name}"
+        else:
+            _mutate_build(tree, built, mutant)
+    try:
+        code = _pytest(tree, mutant.tests, _environment(tree, cache), timeout)
+    finally:
+        if mutant.cpp and cache == workdir / "cache":
+            shutil.rmtree(cache)
+            shutil.copytree(workdir / "cache-baseline", cache, symlinks=True)
     verdict = {0: "SURVIVED", 1: "caught"}.get(code, "ERROR")
     return verdict, time.perf_counter() - started
+
+
+def _baseline_build(workdir: Path) -> Path | None:
+    """The kernel build the baseline left in the run's cache (kept aside once, pristine)."""
+    builds = [p.parent for p in (workdir / "cache" / "kernels").glob("*/src")]
+    if len(builds) != 1:
+        return None
+    if not (workdir / "cache-baseline").exists():
+        shutil.copytree(workdir / "cache", workdir / "cache-baseline", symlinks=True)
+    return builds[0]
+
+
+def _mutate_build(tree: Path, built: Path, mutant: Mutant) -> None:
+    """An incremental build of a C++ mutant: its file is mutated in the baseline build's own
+    copy of the sources and the copy's build key pinned to that build, so ninja recompiles the
+    one file and relinks (a rebuild of every file is several minutes on a loaded machine).
+    The caller restores the pristine build afterwards."""
+    source = built / "src" / Path(mutant.path).name
+    text = source.read_text()
+    if text.count(mutant.old) != 1:
+        raise RuntimeError(f"{mutant.name}: target not found in the build's copy {source}")
+    source.write_text(text.replace(mutant.old, mutant.new, 1))
+    build_py = tree / "src" / "bnlab" / "kernels" / "build.py"
+    pin = "return digest.hexdigest()[:16]"
+    code = build_py.read_text()
+    if code.count(pin) != 1:
+        raise RuntimeError(f"{build_py}: cannot pin the build key ({pin!r} not found once)")
+    build_py.write_text(code.replace(pin, f"return {built.name!r}"))
 
 
 def _fresh_tree(workdir: Path) -> Path:
