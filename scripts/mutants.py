@@ -132,15 +132,17 @@ def _environment(tree: Path, cache: Path) -> dict[str, str]:
                 BNLAB_CACHE_DIR=str(cache))  # fmt: skip
 
 
-def _pytest(tree: Path, tests: tuple[str, ...], env: dict[str, str], timeout: float) -> int:
-    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+def _pytest(tree: Path, tests: tuple[str, ...], env: dict[str, str], timeout: float) -> tuple[int, str]:  # fmt: skip
+    """pytest's exit code and the first failing test's summary line."""
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-rf", "-p", "no:cacheprovider", *tests]
     try:
         done = subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True, timeout=timeout)  # fmt: skip
     except subprocess.TimeoutExpired:
-        return -1
+        return -1, "timeout"
     if done.returncode not in (0, 1):  # collection error, usage error, nothing collected
         print(done.stdout[-3000:] + done.stderr[-3000:], file=sys.stderr)
-    return done.returncode
+    failed = [line for line in done.stdout.splitlines() if line.startswith("FAILED ")]
+    return done.returncode, (failed[0][len("FAILED ") :][:150] if failed else "")
 
 
 def check_targets(mutants: list[Mutant], root: Path = ROOT) -> list[str]:
@@ -157,7 +159,7 @@ def check_targets(mutants: list[Mutant], root: Path = ROOT) -> list[str]:
     return problems
 
 
-def run_one(mutant: Mutant, workdir: Path, timeout: float) -> tuple[str, float]:
+def run_one(mutant: Mutant, workdir: Path, timeout: float) -> tuple[str, float, str]:
     """Apply ``mutant`` in a fresh copy and run its tests: 'caught', 'SURVIVED' or 'ERROR'."""
     started = time.perf_counter()
     tree = _fresh_tree(workdir)
@@ -171,13 +173,13 @@ def run_one(mutant: Mutant, workdir: Path, timeout: float) -> tuple[str, float]:
         else:
             _mutate_build(tree, built, mutant)
     try:
-        code = _pytest(tree, mutant.tests, _environment(tree, cache), timeout)
+        code, failed = _pytest(tree, mutant.tests, _environment(tree, cache), timeout)
     finally:
         if mutant.cpp and cache == workdir / "cache":
             shutil.rmtree(cache)
             shutil.copytree(workdir / "cache-baseline", cache, symlinks=True)
     verdict = {0: "SURVIVED", 1: "caught"}.get(code, "ERROR")
-    return verdict, time.perf_counter() - started
+    return verdict, time.perf_counter() - started, failed
 
 
 def _baseline_build(workdir: Path) -> Path | None:
@@ -228,8 +230,9 @@ def baseline(mutants: list[Mutant], workdir: Path, timeout: float) -> bool:
         print(f"error: bnlab is imported from {where.strip()!r}, not the copy", file=sys.stderr)
         return False
     print(f"baseline: {len(tests)} test paths on the unmutated copy ...", flush=True)
-    code = _pytest(tree, tests, env, timeout)
+    code, failed = _pytest(tree, tests, env, timeout)
     if code != 0:
+        print(f"failed: {failed}", file=sys.stderr)
         print(f"error: the unmutated tests fail (pytest exit {code}); fix them first", file=sys.stderr)  # fmt: skip
     return code == 0
 
@@ -261,9 +264,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_baseline and not baseline(chosen, workdir, args.timeout):
             return 1
         for i, mutant in enumerate(chosen, 1):
-            verdict, seconds = run_one(mutant, workdir, args.timeout)
+            verdict, seconds, failed = run_one(mutant, workdir, args.timeout)
             results.append((mutant, verdict))
-            print(f"[{i:2}/{len(chosen)}] {verdict:8} {mutant.name:34} {seconds:6.1f} s  ({mutant.path})", flush=True)  # fmt: skip
+            print(f"[{i:2}/{len(chosen)}] {verdict:8} {mutant.name:34} {seconds:6.1f} s  by {failed}", flush=True)  # fmt: skip
     caught = sum(v == "caught" for _, v in results)
     print(f"\n{caught}/{len(results)} mutants caught")
     for mutant, verdict in results:
