@@ -105,12 +105,24 @@ class _Overloads:
 
 
 def _register_cuda() -> None:
-    """Install the Triton kernels at the operators' CUDA key where a GPU and Triton exist."""
-    if torch.cuda.is_available():
+    """Install the Triton kernels at the operators' CUDA key where a GPU and Triton exist.
+
+    A failure here costs only the CUDA kernels (torch's native kernel serves CUDA tensors);
+    the CPU kernels stay."""
+    if not torch.cuda.is_available():
+        return
+    try:
         from bnlab.kernels import cuda
 
         if cuda.register():
             DEVICES.add("cuda")
+    except Exception as error:  # a broken Triton install, ...: say why once, keep the CPU kernels
+        warnings.warn(
+            f"bnlab: CUDA kernels unavailable ({type(error).__name__}: {error}); CUDA tensors use "
+            "torch's native batch norm",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def load_seconds() -> float | None:
