@@ -37,18 +37,22 @@ c10::OperatorHandle op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "");
 }
 
+// bnlab::batch_norm_forward's typed handle (looked up once by each caller).
+auto forward_handle() {
+  return op("bnlab::batch_norm_forward")
+      .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+          const at::Tensor&, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
+          const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
+          const c10::optional<at::Tensor>&, bool, double, double, int64_t, int64_t, bool)>();
+}
+
 struct BatchNormNode : public torch::autograd::Function<BatchNormNode> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& input,
                                const at::Tensor& weight, const at::Tensor& bias,
                                const at::Tensor& residual, const at::Tensor& running_mean,
                                const at::Tensor& running_var, bool training, double momentum,
                                double eps, int64_t activation, int64_t nonfinite, bool report) {
-    static auto forward_op =
-        op("bnlab::batch_norm_forward")
-            .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-                const at::Tensor&, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
-                const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
-                const c10::optional<at::Tensor>&, bool, double, double, int64_t, int64_t, bool)>();
+    static const auto forward_op = forward_handle();
     at::Tensor out, shift, mean_d, invstd, bad;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
@@ -134,12 +138,7 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_plain(
     const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
     bool training, double momentum, double eps, int64_t activation, int64_t nonfinite,
     bool report) {
-  static auto forward_op =
-      op("bnlab::batch_norm_forward")
-          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-              const at::Tensor&, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
-              const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
-              const c10::optional<at::Tensor>&, bool, double, double, int64_t, int64_t, bool)>();
+  static const auto forward_op = forward_handle();
   auto result = forward_op.call(input, weight, bias, residual, running_mean, running_var,
                                 training, momentum, eps, activation, nonfinite, report);
   return {std::get<0>(result), std::get<4>(result)};
