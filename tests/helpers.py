@@ -15,4 +15,7 @@ def use_path(monkeypatch, path: str) -> None:
     """Run bnlab.functional on its fused kernels ("fused") or its level-2 torch path ("torch")."""
     from bnlab import kernels
 
-    monkeypatch.setattr(kernels, "_ENABLED", path == "fused")
+    fused = path == "fused"
+    module = kernels.load() if fused else None
+    monkeypatch.setattr(kernels, "_ENABLED", fused)
+    monkeypatch.setattr(kernels, "EAGER", module.eager if module is not None else None)

@@ -17,6 +17,7 @@ import pytest
 import torch
 from torch import nn
 
+import helpers
 from bnlab import functional, kernels
 from bnlab import nn as bnn
 from bnlab.reference import batchnorm_backward_alt, batchnorm_forward
@@ -27,9 +28,10 @@ PATHS = ("operator", "function", "composite")
 @pytest.fixture
 def path(request, monkeypatch):
     name = request.param
-    monkeypatch.setattr(kernels, "_ENABLED", name != "composite")
+    helpers.use_path(monkeypatch, "torch" if name == "composite" else "fused")
     assert name == "composite" or kernels.load() is not None
     if name == "function":  # as if a torch.func transform were active
+        monkeypatch.setattr(functional, "_traced_or_transformed", lambda: True)
         monkeypatch.setattr(functional, "_transforms_active", lambda: True)
     return name
 
@@ -139,6 +141,7 @@ def test_native_path_for_devices_without_kernels(monkeypatch):
     """A device without bnlab kernels takes torch's kernel with bnlab's checks (simulated on
     the CPU by removing it from the kernel devices)."""
     monkeypatch.setattr(kernels, "DEVICES", set())
+    monkeypatch.setattr(kernels, "EAGER", None)  # (the CPU fast path)
     x = torch.randn(4, 3, 5, requires_grad=True)
     out = functional.batch_norm(x, None, None, training=True)
     assert "NativeBatchNorm" in out.grad_fn.name()

@@ -169,9 +169,14 @@ def _torch_native(input, running_mean, running_var, weight, bias, training, mome
     return torch.relu(out) if _ACTIVATION_CODES[activation] == composite.RELU else out
 
 
-def _needs_graph(*tensors: Tensor | None) -> bool:
-    """Whether autograd must record this call."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+def _needs_graph(input: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None) -> bool:  # fmt: skip
+    """Whether autograd must record this call (written out: it runs before every call)."""
+    return torch.is_grad_enabled() and (
+        input.requires_grad
+        or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad)
+        or (residual is not None and residual.requires_grad)
+    )
 
 
 def _report(bad: Tensor, policy: int) -> None:
@@ -188,6 +193,16 @@ def _report(bad: Tensor, policy: int) -> None:
 def _transforms_active() -> bool:
     """Whether a torch.func transform (grad, vmap, ...) is running this call."""
     return torch._C._are_functorch_transforms_active()
+
+
+def _traced_or_transformed() -> bool:
+    """Whether this call is compiled, traced or under a torch.func transform: not the eager
+    fast path (written with torch's C predicates: it runs before every call)."""
+    return (
+        torch.compiler.is_compiling()
+        or torch._C._get_tracing_state() is not None
+        or torch._C._are_functorch_transforms_active()
+    )
 
 
 def _graph_mode() -> bool:
@@ -237,27 +252,34 @@ def apply_batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Te
                      activation: str | None = None) -> Tensor:  # fmt: skip
     """:func:`batch_norm` without its argument checks, for callers that hold validated state
     (bnlab's modules check their input; the operators still check sizes)."""
+    policy = _POLICY_CODES[nonfinite]
+    if input.is_cpu and kernels.EAGER is not None and not _traced_or_transformed() and input.numel():  # fmt: skip
+        # The common case, in one crossing into C++ (it decides whether autograd records).
+        out, bad = kernels.EAGER(input, weight, bias, residual, running_mean, running_var,
+                                 bool(training), float(momentum), float(eps),
+                                 _ACTIVATION_CODES[activation], policy)  # fmt: skip
+        if bad is not None:
+            _report(bad, policy)
+        return out
+    graph = _graph_mode()
     empty = not torch.jit.is_tracing() and input.numel() == 0  # (a traced numel is a tensor)
     if empty or not kernels.supports(input):
         # Other devices use torch's native kernel; an empty batch leaves the statistics alone.
         return _torch_native(input, running_mean, running_var, weight, bias, training, momentum, eps, residual, activation)  # fmt: skip
-    graph = _graph_mode()
     transformed = not graph and _transforms_active()
-    policy = _POLICY_CODES[nonfinite]
     # Compiled, traced or transformed code cannot read `bad` in Python: the operator reports.
     args = (input, weight, bias, residual, running_mean, running_var, bool(training),
             float(momentum), float(eps), _ACTIVATION_CODES[activation], policy, graph or transformed)  # fmt: skip
-    if not kernels.usable(input):
+    if not kernels.ready():
         out, bad = BatchNormFunction.apply(*args, composite)[:2]
     elif graph:
         return kernels.OPS.batch_norm(*args)[0]  # one node for compile, export and trace
     elif transformed:
         return BatchNormFunction.apply(*args, Operators)[0]
     elif not training and not _needs_graph(input, weight, bias, residual):  # the forward alone
-        cpu = input.device.type == "cpu"
-        return kernels.DIRECT.normalize(*args) if cpu else kernels.OPS.batch_norm_forward(*args)[0]
-    else:  # on CPU the same node and kernels, entered directly
-        out, bad = (kernels.DIRECT if input.device.type == "cpu" else kernels.OPS).batch_norm(*args)
+        return kernels.OPS.batch_norm_forward(*args)[0]
+    else:  # other devices with bnlab kernels (CUDA): the same autograd operator
+        out, bad = kernels.OPS.batch_norm(*args)
     if training and policy != composite.PROPAGATE and not (graph or transformed):
         _report(bad, policy)
     return out

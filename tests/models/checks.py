@@ -69,30 +69,65 @@ def running_stats(model: nn.Module) -> dict[str, Tensor]:
     return {k: v for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
 
 
+def float64_copy(model: nn.Module) -> nn.Module:
+    """The float64 truth: ``model`` with torch's BN, every parameter and buffer in float64."""
+    return copy.deepcopy(model).double()
+
+
+def agree(actual: Tensor, expected: Tensor, truth: Tensor, what: str, rtol: float = 1e-4, scale_atol: float = 1e-5, factor: float = 3.0) -> None:  # fmt: skip
+    """``actual`` (bnlab, float32) agrees with ``expected`` (torch's BN, float32) within float32
+    tolerance, or else is at most ``factor`` times as far from the float64 ``truth`` as
+    ``expected`` is (RMS errors, as torch's own accuracy checks compare against float64).
+
+    Deep models (DenseNet-121, EfficientNet) amplify float32 rounding past any fixed
+    tolerance; the question asked is then whether bnlab is as accurate as torch, not whether
+    both round alike."""
+    try:
+        close(actual, expected, what, rtol=rtol, scale_atol=scale_atol)
+        return
+    except AssertionError as difference:
+        truth = truth.double()
+        scale = max(float(truth.abs().max()), 1.0) if truth.numel() else 1.0
+        ours = float((actual.double() - truth).square().mean().sqrt())
+        torchs = float((expected.double() - truth).square().mean().sqrt())
+        if ours > factor * torchs + 1e-7 * scale:
+            raise AssertionError(
+                f"{what}: bnlab's RMS error against float64 {ours:.3g} exceeds {factor}x "
+                f"torch's {torchs:.3g}; {difference}"
+            ) from None
+
+
 def check_training_steps(reference: nn.Module, ours: nn.Module, x: Tensor, target: Tensor, steps: int = 3, run=None) -> None:  # fmt: skip
-    """``steps`` SGD steps (momentum, weight decay): losses, gradients, running stats agree.
+    """``steps`` SGD steps (momentum, weight decay): losses, gradients, running stats agree
+    (:func:`agree`: with torch's float32 BN, or as close as it to a float64 run).
 
     ``run(model, x)`` computes the output of ``ours`` (default: a call), e.g. a compiled model.
     """
     run = run or (lambda model, inp: model(inp))
-    reference.train(), ours.train()
-    optimizers = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4) for m in (reference, ours)]  # fmt: skip
+    truth = float64_copy(reference)
+    models = (reference, ours, truth)
+    inputs = (x, x, x.double())
+    calls = (None, run, None)
+    for model in models:
+        model.train()
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4) for m in models]  # fmt: skip
     for step in range(steps):
         losses = []
-        for model, optimizer, call in zip((reference, ours), optimizers, (None, run), strict=True):
+        for model, optimizer, call, inp in zip(models, optimizers, calls, inputs, strict=True):
             optimizer.zero_grad()
-            torch.manual_seed(1000 + step)  # the same dropout / stochastic-depth masks in both
-            out = model(x) if call is None else call(model, x)
+            torch.manual_seed(1000 + step)  # the same dropout / stochastic-depth masks in all
+            out = model(inp) if call is None else call(model, inp)
             loss = F.cross_entropy(out, target)
             loss.backward()
             losses.append(loss.detach())
-        close(losses[1], losses[0], f"step {step} loss")
-        for (name, p_ref), (_, p_ours) in zip(reference.named_parameters(), ours.named_parameters(), strict=True):  # fmt: skip
-            close(p_ours.grad, p_ref.grad, f"step {step} grad of {name}", rtol=1e-3, scale_atol=1e-4)  # fmt: skip
-        ref_stats, our_stats = running_stats(reference), running_stats(ours)
+        agree(losses[1], losses[0], losses[2], f"step {step} loss")
+        named = [list(m.named_parameters()) for m in models]
+        for (name, p_ref), (_, p_ours), (_, p_true) in zip(*named, strict=True):
+            agree(p_ours.grad, p_ref.grad, p_true.grad, f"step {step} grad of {name}", rtol=1e-3, scale_atol=1e-4)  # fmt: skip
+        ref_stats, our_stats, true_stats = (running_stats(m) for m in models)
         assert ref_stats.keys() == our_stats.keys()
         for key, value in ref_stats.items():
-            close(our_stats[key], value, f"step {step} {key}")
+            agree(our_stats[key], value, true_stats[key], f"step {step} {key}")
         for optimizer in optimizers:
             optimizer.step()
 

@@ -33,6 +33,7 @@ __all__ = [
     "load",
     "load_seconds",
     "pool_stats",
+    "ready",
     "release_pool",
     "set_enabled",
     "supports",
@@ -44,7 +45,7 @@ _state: dict = {"module": None, "error": None, "load_seconds": None}
 _ENABLED = os.environ.get("BNLAB_KERNELS", "1") != "0"
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 OPS = None  # torch.ops.bnlab's overloads once loaded: batch_norm, batch_norm_forward, ...
-DIRECT = None  # the same two entered directly (eager CPU calls; see cpu/ops.cpp)
+EAGER = None  # eager CPU calls, entered directly (cpu/ops.cpp); None while disabled or unbuilt
 DEVICES = {"cpu"}  # device types with bnlab kernels ("cuda" once its kernels are registered)
 
 
@@ -55,8 +56,9 @@ def enabled() -> bool:
 
 def set_enabled(flag: bool) -> None:
     """Switch the kernels on or off for this process (tests compare both paths)."""
-    global _ENABLED
+    global _ENABLED, EAGER
     _ENABLED = bool(flag)
+    EAGER = _state["module"].eager if _ENABLED and _state["module"] is not None else None
 
 
 def load() -> ModuleType | None:
@@ -79,8 +81,9 @@ def load() -> ModuleType | None:
             fake.register()
             composite.register()
             _register_cuda()
-            global OPS, DIRECT
-            OPS, DIRECT = _Overloads(), module
+            global OPS, EAGER
+            OPS = _Overloads()
+            EAGER = module.eager if _ENABLED else None
             _state["module"] = module
         except Exception as error:  # no compiler, no headers, ...: fall back, say why once
             _state["error"] = error
@@ -135,9 +138,14 @@ def supports(input: torch.Tensor) -> bool:
     return input.device.type in DEVICES and input.dtype in _DTYPES
 
 
+def ready() -> bool:
+    """Whether the kernels are enabled and built (building them on first use)."""
+    return _ENABLED and (_state["module"] is not None or load() is not None)
+
+
 def usable(input: torch.Tensor) -> bool:
     """Whether the kernels are enabled, built and handle this input."""
-    return _ENABLED and supports(input) and (_state["module"] is not None or load() is not None)
+    return supports(input) and ready()
 
 
 def pool_stats() -> dict[str, int]:

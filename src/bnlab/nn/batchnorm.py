@@ -117,6 +117,17 @@ class _NormBase(nn.Module):
         )
 
     def _check_input(self, input: Tensor) -> None:
+        """Raise, naming what is wrong, unless ``input`` fits this module (rank, dtype,
+        device, channels). One cheap test first: it runs before every call."""
+        state = self.weight if self.weight is not None else self.running_mean
+        if (
+            isinstance(input, Tensor)
+            and input.dim() in self._expected_dims
+            and input.dtype in _FLOAT_DTYPES
+            and (state is None or (input.is_cpu and state.is_cpu) or state.device == input.device)
+            and (torch.jit.is_tracing() or input.shape[1] == self.num_features)  # trace: op checks
+        ):
+            return
         if not isinstance(input, Tensor):
             raise TypeError(f"input: expected a Tensor, got {type(input).__name__}")
         if input.dim() not in self._expected_dims:
@@ -127,14 +138,12 @@ class _NormBase(nn.Module):
             )
         if input.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"input: expected float16, bfloat16, float32 or float64, got {input.dtype}")  # fmt: skip
-        state = self.weight if self.weight is not None else self.running_mean
         if state is not None and state.device != input.device:
             raise ValueError(f"input: expected device {state.device} like the module's state, got {input.device}")  # fmt: skip
-        if not torch.jit.is_tracing() and input.shape[1] != self.num_features:  # trace: op checks
-            raise ValueError(
-                f"input: expected {self.num_features} channels (num_features) at dim 1, "
-                f"got {input.shape[1]} (input shape {tuple(input.shape)})"
-            )
+        raise ValueError(
+            f"input: expected {self.num_features} channels (num_features) at dim 1, "
+            f"got {input.shape[1]} (input shape {tuple(input.shape)})"
+        )
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors

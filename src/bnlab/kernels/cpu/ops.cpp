@@ -18,6 +18,8 @@
 #include "kernels.h"
 #include "pool.h"
 
+#include <algorithm>
+
 
 namespace {
 
@@ -144,6 +146,34 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_plain(
   return {std::get<0>(result), std::get<4>(result)};
 }
 
+// An eager call on CPU tensors (bnlab.functional's fast path, one Python-to-C++ crossing):
+// the forward alone when autograd has nothing to record in eval, else the autograd node.
+// Returns (out, bad), bad None unless a training batch left non-finite channels to report
+// (the caller reports them: RuntimeWarning / FloatingPointError).
+std::tuple<at::Tensor, c10::optional<at::Tensor>> batch_norm_eager(
+    const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& residual,
+    const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
+    bool training, double momentum, double eps, int64_t activation, int64_t nonfinite) {
+  auto wants_grad = [](const c10::optional<at::Tensor>& t) { return t && t->requires_grad(); };
+  const bool record = at::GradMode::is_enabled() &&
+                      (input.requires_grad() || wants_grad(weight) || wants_grad(bias) ||
+                       wants_grad(residual));
+  if (!training && !record) {
+    return {bnlab::normalize_cpu(input, weight, bias, residual, running_mean, running_var,
+                                 training, momentum, eps, activation, nonfinite, false),
+            c10::nullopt};
+  }
+  auto [out, bad] = batch_norm_autograd(input, weight, bias, residual, running_mean,
+                                        running_var, training, momentum, eps, activation,
+                                        nonfinite, false);
+  if (training && nonfinite != bnlab::kPropagate) {
+    const bool* flags = bad.data_ptr<bool>();
+    if (std::any_of(flags, flags + bad.numel(), [](bool b) { return b; })) return {out, bad};
+  }
+  return {out, c10::nullopt};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(bnlab, m) {
@@ -181,8 +211,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // Eager calls on CPU tensors skip the boxed operator call (a few microseconds of argument
   // boxing): the same autograd node and kernels, entered directly. Compiled, traced and
   // exported code, and other devices, go through torch.ops.bnlab.
-  m.def("batch_norm", &batch_norm_autograd, "bnlab::batch_norm, entered directly");
-  m.def("normalize", &bnlab::normalize_cpu, "bnlab::batch_norm_forward's output alone, on CPU");
+  m.def("eager", &batch_norm_eager, "an eager CPU call: (out, bad channels to report or None)");
   m.def("pool_stats", [] {
     auto s = bnlab::pool_stats();
     return std::make_tuple(s.idle_bytes, s.idle_blocks, s.max_idle_bytes, s.hits, s.misses);

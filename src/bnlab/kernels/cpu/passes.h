@@ -26,7 +26,10 @@ template <> struct AccType<double> { using type = double; };
 constexpr int64_t kBlock = 2048;   // elements summed in the compute type before a double flush
 constexpr int64_t kRowBlock = 64;  // rows summed in the compute type before a double flush
 constexpr int64_t kLanes = 32;     // partial sums per plane pass
-constexpr int64_t kMinParallelElements = 65536;  // below this, threads cost more than they save
+// Below this many elements a pass runs on one thread (torch's at::internal::GRAIN_SIZE: inside a
+// model, where the previous layer left the data spread over every core's cache, splitting
+// smaller tensors measured faster than the 65536 used before).
+constexpr int64_t kMinParallelElements = 32768;
 
 struct Geometry {
   int64_t N, C, L;
