@@ -91,7 +91,8 @@ MUTANTS: list[Mutant] = [
     Mutant("sync-unweighted-mean", SYNC_PY, "mean = (counts * means).sum(0) / total", "mean = means.mean(0)", SYNC),
     Mutant("sync-no-bias-correction", SYNC_PY, "mean, var, total, momentum, nonfinite)", "mean, var, total, momentum, nonfinite, correction=False)", SYNC),
     Mutant("sync-backward-not-reduced", SYNC_PY, "dist.all_reduce(sums, group=ctx.group)", "sums = sums.clone()", SYNC),
-    Mutant("sync-backward-off-by-one", SYNC_PY, "mean_dy = (sums[:channels] / ctx.total)", "mean_dy = (sums[:channels] / (ctx.total - 1))", SYNC),
+    Mutant("sync-backward-off-by-one", SYNC_PY, "sum_g / count, sum_gx / count", "sum_g / (count - 1), sum_gx / count", SYNC),
+    Mutant("sync-triton-sums-not-rescaled", "src/bnlab/kernels/cuda/ops.py", "scale = plan.M / count", "scale = 1.0", ("tests/kernels/cuda/test_sync_passes.py",)),
     Mutant("sync-grad-weight-is-sum-dy", SYNC_PY, "grad_weight = local_dy_xhat.to(weight.dtype)", "grad_weight = local_dy.to(weight.dtype)", SYNC),
     Mutant("sync-global-batch-of-one", SYNC_PY, "if total <= 1:", "if total < 1:", SYNC),
     # inference: fold and recalibrate

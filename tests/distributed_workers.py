@@ -31,9 +31,17 @@ def _group(rank: int, world: int, out_dir: str):
         dist.destroy_process_group()
 
 
-def sync_bn_worker(rank: int, world: int, sizes: list[int], seed: int, out_dir: str) -> None:
-    """Run SyncBatchNorm on this rank's slice of a seeded global batch; save what it saw."""
-    from bnlab.nn import SyncBatchNorm
+def sync_bn_worker(rank: int, world: int, sizes: list[int], seed: int, out_dir: str, passes: str = "torch") -> None:  # fmt: skip
+    """Run SyncBatchNorm on this rank's slice of a seeded global batch; save what it saw.
+
+    ``passes="triton"``: the per-rank passes on bnlab's Triton kernels, interpreted on the CPU
+    (as SyncBatchNorm uses them for CUDA tensors)."""
+    from bnlab.nn import SyncBatchNorm, sync
+
+    if passes == "triton":
+        from bnlab.kernels.cuda import ops
+
+        sync._passes = lambda input: ops
 
     with _group(rank, world, out_dir):
         g = torch.Generator().manual_seed(seed)
@@ -50,7 +58,8 @@ def sync_bn_worker(rank: int, world: int, sizes: list[int], seed: int, out_dir: 
         out.backward(dy[start : start + sizes[rank]])
         torch.save({"out": out.detach(), "grad": local.grad, "weight_grad": bn.weight.grad,
                     "bias_grad": bn.bias.grad, "running_mean": bn.running_mean,
-                    "running_var": bn.running_var, "count": bn.num_batches_tracked}, f"{out_dir}/rank{rank}.pt")  # fmt: skip
+                    "running_var": bn.running_var, "count": bn.num_batches_tracked,
+                    "passes": getattr(sync._passes(local), "__name__", "torch ops")}, f"{out_dir}/rank{rank}.pt")  # fmt: skip
 
 
 def sync_bn_expect_error(rank: int, world: int, out_dir: str) -> None:

@@ -7,6 +7,9 @@ ranks may hold different batch sizes, zero included. The backward all-reduces ``
 bias gradients are the local sums (DistributedDataParallel averages them like any other
 parameter's). Works with any backend (gloo on CPU, nccl on GPU); without an initialized
 process group, with one rank, or in eval mode it is an ordinary :class:`BatchNorm`.
+
+Each rank's passes (its shifted moments, the normalization, the gradient sums and the input
+gradient) run on bnlab's Triton kernels for CUDA tensors, on torch ops otherwise.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from bnlab import functional as F
+from bnlab import kernels
 from bnlab.nn.batchnorm import _BatchNorm
 
 
@@ -23,24 +27,68 @@ def _distributed(group) -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 
 
-def _local_moments(xa: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:
-    """``(shift, mean - shift, M2, count)`` of this rank's batch, per channel."""
-    channels = xa.shape[1]
-    count = xa.numel() // channels if xa.numel() else 0
-    if count == 0:
-        zeros = torch.zeros(channels, dtype=xa.dtype, device=xa.device)
-        return zeros, zeros, zeros, 0
-    shift, mean_d, var = F.batch_stats(xa)
-    return shift, mean_d, var * count, count
+class _TorchPasses:
+    """The per-rank passes in torch ops (any device), in the compute dtype."""
+
+    @staticmethod
+    def moments(input: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:
+        """``(shift, mean_d, M2, count)`` of this rank's batch per channel; ``M2`` = sum of
+        squared deviations from the local mean."""
+        xa = input.to(F.compute_dtype(input.dtype))
+        channels = xa.shape[1]
+        count = xa.numel() // channels if xa.numel() else 0
+        if count == 0:
+            zeros = torch.zeros(channels, dtype=xa.dtype, device=xa.device)
+            return zeros, zeros, zeros, 0
+        shift, mean_d, var = F.batch_stats(xa)
+        return shift, mean_d, var * count, count
+
+    @staticmethod
+    def _x_hat(xa: Tensor, shift: Tensor, mean_d: Tensor, invstd: Tensor) -> Tensor:
+        return (xa - F.per_channel(shift, xa) - F.per_channel(mean_d, xa)) * F.per_channel(invstd, xa)  # fmt: skip
+
+    @staticmethod
+    def normalize(input, shift, mean_d, invstd, weight, bias) -> Tensor:
+        xa = input.to(shift.dtype)
+        scale = invstd if weight is None else invstd * weight.to(shift.dtype)
+        out = (xa - F.per_channel(shift, xa) - F.per_channel(mean_d, xa)) * F.per_channel(scale, xa)  # fmt: skip
+        if bias is not None:
+            out = out + F.per_channel(bias.to(shift.dtype), xa)
+        return out.to(input.dtype)
+
+    @staticmethod
+    def grad_sums(grad_out, input, shift, mean_d, invstd) -> tuple[Tensor, Tensor]:
+        if not grad_out.numel():
+            return torch.zeros_like(shift), torch.zeros_like(shift)
+        dy = grad_out.to(shift.dtype)
+        x_hat = _TorchPasses._x_hat(input.to(shift.dtype), shift, mean_d, invstd)
+        dims = F.reduce_dims(dy)
+        return dy.sum(dims), (dy * x_hat).sum(dims)
+
+    @staticmethod
+    def grad_input(grad_out, input, weight, shift, mean_d, invstd, sum_g, sum_gx, count) -> Tensor:
+        dy = grad_out.to(shift.dtype)
+        x_hat = _TorchPasses._x_hat(input.to(shift.dtype), shift, mean_d, invstd)
+        gain = invstd if weight is None else invstd * weight.to(shift.dtype)
+        return F.grad_input_from_means(dy, x_hat, sum_g / count, sum_gx / count, gain).to(input.dtype)  # fmt: skip
+
+
+def _passes(input: Tensor):
+    """The implementation of the per-rank passes for ``input``: bnlab's Triton kernels where
+    they serve its device (CUDA), else torch ops (same interface: :class:`_TorchPasses`)."""
+    if input.device.type != "cpu" and input.device.type in kernels.DEVICES:
+        from bnlab.kernels.cuda import ops
+
+        return ops
+    return _TorchPasses
 
 
 class _SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias, running_mean, running_var, momentum, eps, group, nonfinite):  # fmt: skip
-        acc = torch.float64 if input.dtype == torch.float64 else torch.float32
-        xa = input.to(acc)
-        shift, mean_d, m2, count = _local_moments(xa)
-        local = torch.cat([torch.tensor([float(count)], dtype=torch.float64, device=xa.device),
+        passes = _passes(input)
+        shift, mean_d, m2, count = passes.moments(input)
+        local = torch.cat([torch.tensor([float(count)], dtype=torch.float64, device=input.device),
                            (shift.double() + mean_d.double()), m2.double()])  # fmt: skip
         gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
         dist.all_gather(gathered, local, group=group)
@@ -56,49 +104,30 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         mean = (counts * means).sum(0) / total
         var = (m2s + counts * (means - mean) ** 2).sum(0) / total  # Chan's merge, biased
         F.update_running_stats(running_mean, running_var, mean, var, total, momentum, nonfinite)
-        invstd = torch.rsqrt(var + eps)
+        acc = shift.dtype
         # Relative to this rank's shift the centring stays exact for large common offsets.
         mean_d = (mean - shift.double()).to(acc)
-        invstd = invstd.to(acc)
-        scale = invstd if weight is None else invstd * weight.to(acc)
-        out = (xa - F.per_channel(shift, xa) - F.per_channel(mean_d, xa)) * F.per_channel(scale, xa)  # fmt: skip
-        if bias is not None:
-            out = out + F.per_channel(bias.to(acc), xa)
+        invstd = torch.rsqrt(var + eps).to(acc)
+        out = passes.normalize(input, shift, mean_d, invstd, weight, bias)
         ctx.save_for_backward(input, weight, shift, mean_d, invstd)
-        ctx.total, ctx.group = total, group
+        ctx.total, ctx.group, ctx.passes = total, group, passes
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return out.to(input.dtype)
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         input, weight, shift, mean_d, invstd = ctx.saved_tensors
-        acc = shift.dtype
-        xa, dy = input.to(acc), grad_out.to(acc)
-        dims = F.reduce_dims(xa)
-        x_hat = (xa - F.per_channel(shift, xa) - F.per_channel(mean_d, xa)) * F.per_channel(invstd, xa)  # fmt: skip
-        local_dy = dy.sum(dims) if dy.numel() else torch.zeros_like(shift)
-        local_dy_xhat = (dy * x_hat).sum(dims) if dy.numel() else torch.zeros_like(shift)
+        passes, channels = ctx.passes, input.shape[1]
+        local_dy, local_dy_xhat = passes.grad_sums(grad_out, input, shift, mean_d, invstd)
         sums = torch.cat([local_dy, local_dy_xhat]).double()
         dist.all_reduce(sums, group=ctx.group)
-        channels = input.shape[1]
-        mean_dy = (sums[:channels] / ctx.total).to(acc)
-        mean_dy_xhat = (sums[channels:] / ctx.total).to(acc)
-        gain = invstd if weight is None else invstd * weight.to(acc)
-        grad_input = F.grad_input_from_means(dy, x_hat, mean_dy, mean_dy_xhat, gain)
+        acc = shift.dtype
+        grad_input = passes.grad_input(grad_out, input, weight, shift, mean_d, invstd,
+                                       sums[:channels].to(acc), sums[channels:].to(acc), ctx.total)  # fmt: skip
         grad_weight = local_dy_xhat.to(weight.dtype) if weight is not None else None
         grad_bias = local_dy.to(ctx.bias_dtype) if ctx.bias_dtype is not None else None
-        return (
-            grad_input.to(input.dtype),
-            grad_weight,
-            grad_bias,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-        )
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
 
 
 class SyncBatchNorm(_BatchNorm):

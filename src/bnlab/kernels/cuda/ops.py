@@ -69,6 +69,43 @@ def _sums(plan: Plan, x, g, y, shift, mean_d, invstd, out1, out2, part, eps, bac
     )  # fmt: skip
 
 
+def _forward_apply(plan: Plan, x, res, out, shift, mean_d, invstd, weight, bias, running_mean, running_var, var, bad8, training, momentum, eps, activation, nonfinite, update=True):  # fmt: skip
+    """The normalization pass (+ the running-statistics update in training, if ``update``)."""
+    mom_hi, mom_lo = _split(momentum)
+    eps_hi, eps_lo = _split(eps)
+    dummy = shift
+    launch(
+        forward_apply_kernel, (plan.apply_chunks, plan.cblocks), plan.warps,
+        x_ptr=x, res_ptr=res if res is not None else x, out_ptr=out, shift_ptr=shift,
+        mean_d_ptr=mean_d, invstd_ptr=invstd, w_ptr=weight if weight is not None else dummy,
+        b_ptr=bias if bias is not None else dummy,
+        rm_ptr=running_mean if running_mean is not None else dummy,
+        rv_ptr=running_var if running_var is not None else dummy, var_ptr=var, bad_ptr=bad8,
+        M=plan.M, C=plan.C, S=plan.S, sblocks=plan.sblocks, tiles_per_chunk=plan.apply_tiles_per_chunk,
+        mom_hi=mom_hi, mom_lo=mom_lo, eps_hi=eps_hi, eps_lo=eps_lo, TRAINING=training, HAS_W=weight is not None, HAS_B=bias is not None,
+        HAS_RES=res is not None, RELU=activation == 1, POLICY=int(nonfinite),
+        HAS_RM=running_mean is not None, HAS_RV=running_var is not None,
+        UPDATE=update and training and (running_mean is not None or running_var is not None), ROWS=plan.rows,
+        WIDE=plan.wide, ACC=_acc(x.dtype), BLOCK_R=plan.block_r, BLOCK_W=plan.block_w, BLOCK_C=plan.block_c,
+        UPD_BLOCK=plan.upd_block,
+    )  # fmt: skip
+
+
+def _backward_apply(plan: Plan, g, x, y, dx, dres, shift, mean_d, invstd, weight, sum_g, sum_gx, training, relu):  # fmt: skip
+    """dx and/or grad_residual (None: not wanted) from the per-channel sums."""
+    launch(
+        backward_apply_kernel, (plan.apply_chunks, plan.cblocks), plan.warps,
+        g_ptr=g, x_ptr=x, y_ptr=y if y is not None else x, dx_ptr=dx if dx is not None else x,
+        dres_ptr=dres if dres is not None else x, shift_ptr=shift, mean_d_ptr=mean_d,
+        invstd_ptr=invstd, w_ptr=weight if weight is not None else invstd,
+        sum_g_ptr=sum_g if sum_g is not None else invstd, sum_gx_ptr=sum_gx if sum_gx is not None else invstd,
+        M=plan.M, C=plan.C, S=plan.S, sblocks=plan.sblocks,
+        tiles_per_chunk=plan.apply_tiles_per_chunk, TRAINING=training, HAS_W=weight is not None, RELU=relu, WANT_DX=dx is not None,
+        WANT_DRES=dres is not None, ROWS=plan.rows, WIDE=plan.wide, ACC=_acc(x.dtype),
+        BLOCK_R=plan.block_r, BLOCK_W=plan.block_w, BLOCK_C=plan.block_c,
+    )  # fmt: skip
+
+
 def forward(
     input: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None,
     running_mean: Tensor | None, running_var: Tensor | None, training: bool, momentum: float,
@@ -99,24 +136,8 @@ def forward(
         work = torch.empty((2 * plan.chunks + 1) * C, dtype=acc, device=dev)
         part, var = work[: 2 * plan.chunks * C], work[2 * plan.chunks * C :]
         _sums(plan, x, None, None, shift, mean_d, invstd, var, bad8, part, eps, False, False)
-    mom_hi, mom_lo = _split(momentum)
-    eps_hi, eps_lo = _split(eps)
-    dummy = shift
-    launch(
-        forward_apply_kernel, (plan.apply_chunks, plan.cblocks), plan.warps,
-        x_ptr=x, res_ptr=res if res is not None else x, out_ptr=out, shift_ptr=shift,
-        mean_d_ptr=mean_d, invstd_ptr=invstd, w_ptr=weight if weight is not None else dummy,
-        b_ptr=bias if bias is not None else dummy,
-        rm_ptr=running_mean if running_mean is not None else dummy,
-        rv_ptr=running_var if running_var is not None else dummy, var_ptr=var, bad_ptr=bad8,
-        M=plan.M, C=plan.C, S=plan.S, sblocks=plan.sblocks, tiles_per_chunk=plan.apply_tiles_per_chunk,
-        mom_hi=mom_hi, mom_lo=mom_lo, eps_hi=eps_hi, eps_lo=eps_lo, TRAINING=training, HAS_W=weight is not None, HAS_B=bias is not None,
-        HAS_RES=res is not None, RELU=activation == 1, POLICY=int(nonfinite),
-        HAS_RM=running_mean is not None, HAS_RV=running_var is not None,
-        UPDATE=training and (running_mean is not None or running_var is not None), ROWS=plan.rows,
-        WIDE=plan.wide, ACC=_acc(x.dtype), BLOCK_R=plan.block_r, BLOCK_W=plan.block_w, BLOCK_C=plan.block_c,
-        UPD_BLOCK=plan.upd_block,
-    )  # fmt: skip
+    _forward_apply(plan, x, res, out, shift, mean_d, invstd, weight, bias, running_mean, running_var,
+                   var, bad8, training, momentum, eps, activation, nonfinite)  # fmt: skip
     if report_ and training and nonfinite in (1, 2):
         report.report(bad, int(nonfinite))
     return out, shift, mean_d, invstd, bad
@@ -152,20 +173,68 @@ def backward(
             part = torch.empty(2 * plan.chunks * C, dtype=acc, device=dev)
             _sums(plan, x, g, y, shift, mean_d, invstd, sum_g, sum_gx, part, 1.0, True, relu)
         if want_dx or want_dres:
-            launch(
-                backward_apply_kernel, (plan.apply_chunks, plan.cblocks), plan.warps,
-                g_ptr=g, x_ptr=x, y_ptr=y if y is not None else x, dx_ptr=dx if want_dx else x,
-                dres_ptr=dres if want_dres else x, shift_ptr=shift, mean_d_ptr=mean_d,
-                invstd_ptr=invstd, w_ptr=weight if weight is not None else invstd,
-                sum_g_ptr=sum_g if need_sums else invstd, sum_gx_ptr=sum_gx if need_sums else invstd,
-                M=plan.M, C=plan.C, S=plan.S, sblocks=plan.sblocks,
-                tiles_per_chunk=plan.apply_tiles_per_chunk, TRAINING=training, HAS_W=weight is not None, RELU=relu, WANT_DX=want_dx,
-                WANT_DRES=want_dres, ROWS=plan.rows, WIDE=plan.wide, ACC=_acc(x.dtype),
-                BLOCK_R=plan.block_r, BLOCK_W=plan.block_w, BLOCK_C=plan.block_c,
-            )  # fmt: skip
+            _backward_apply(plan, g, x, y, dx if want_dx else None, dres if want_dres else None,
+                            shift, mean_d, invstd, weight, sum_g if need_sums else None,
+                            sum_gx if need_sums else None, training, relu)  # fmt: skip
     return (
         dx,
         sum_gx if want_dw else empty,
         sum_g if want_db else empty,
         dres,
     )
+
+
+# SyncBatchNorm's per-rank passes (bnlab.nn.sync): the same kernels, with the statistics
+# merged across ranks between them.
+
+
+def moments(input: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:
+    """This rank's ``(shift, mean_d, M2, count)`` per channel from the statistics kernel:
+    ``mean_d = mean(x - shift)``, ``M2 = Σ(x - shift - mean_d)²`` (compute dtype)."""
+    x, geo = geometry(input)
+    acc, C, dev = compute_dtype(x.dtype), x.shape[1], x.device
+    count = x.numel() // C if C else 0
+    shift, mean_d, invstd, var = (torch.zeros(C, dtype=acc, device=dev) for _ in range(4))
+    if count == 0:
+        return shift, mean_d, var, 0
+    bad8 = torch.empty(C, dtype=torch.uint8, device=dev)
+    plan = make_plan(geo, x)
+    part = torch.empty(2 * plan.chunks * C, dtype=acc, device=dev)
+    _sums(plan, x, None, None, shift, mean_d, invstd, var, bad8, part, 1.0, False, False)
+    m2 = var * (count - 1) if count > 1 else torch.zeros_like(var)  # var: the unbiased one
+    return shift, mean_d, m2, count
+
+
+def normalize(input: Tensor, shift: Tensor, mean_d: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:  # fmt: skip
+    """``(x - shift - mean_d)·invstd·w + b`` with given statistics, input's dtype and layout."""
+    x, geo = geometry(input)
+    out = torch.empty_like(x)
+    if x.numel():
+        _forward_apply(make_plan(geo, x), x, None, out, shift, mean_d, invstd, weight, bias,
+                       None, None, shift, shift, True, 0.0, 1.0, 0, 0, update=False)  # fmt: skip
+    return out
+
+
+def grad_sums(grad_out: Tensor, input: Tensor, shift: Tensor, mean_d: Tensor, invstd: Tensor) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """This rank's ``(Σg, Σg·x̂)`` per channel (compute dtype)."""
+    x, geo = geometry(input)
+    acc, C, dev = compute_dtype(x.dtype), x.shape[1], x.device
+    sum_g, sum_gx = torch.zeros(C, dtype=acc, device=dev), torch.zeros(C, dtype=acc, device=dev)
+    if x.numel():
+        plan = make_plan(geo, x)
+        part = torch.empty(2 * plan.chunks * C, dtype=acc, device=dev)
+        _sums(plan, x, to_layout(grad_out, x), None, shift, mean_d, invstd, sum_g, sum_gx, part, 1.0, True, False)  # fmt: skip
+    return sum_g, sum_gx
+
+
+def grad_input(grad_out: Tensor, input: Tensor, weight: Tensor | None, shift: Tensor, mean_d: Tensor, invstd: Tensor, sum_g: Tensor, sum_gx: Tensor, count: int) -> Tensor:  # fmt: skip
+    """``dx = w·invstd·(g - Σg/count - x̂·Σg·x̂/count)``, the sums over ``count`` values of every
+    rank (the kernel divides by this rank's count: the sums are rescaled to it)."""
+    x, geo = geometry(input)
+    dx = torch.empty_like(x)
+    if x.numel():
+        plan = make_plan(geo, x)
+        scale = plan.M / count
+        _backward_apply(plan, to_layout(grad_out, x), x, None, dx, None, shift, mean_d, invstd,
+                        weight, sum_g * scale, sum_gx * scale, True, False)  # fmt: skip
+    return dx
