@@ -115,6 +115,18 @@ def test_operator_matches_reference(shape, layout, dtype, training, affine, relu
     )
 
 
+SHORT_PLANES = [(5, 6, 2, 2), (4, 3, 7), (3, 4, 1, 5), (6, 5, 4, 4), (3, 2, 33), (2, 3, 1, 1, 6)]
+
+
+@pytest.mark.parametrize("shape", SHORT_PLANES)
+@pytest.mark.parametrize(("dtype", "training"), [(torch.float32, True), (torch.float64, True), (torch.bfloat16, False)])  # fmt: skip
+def test_short_planes_match_reference(shape, dtype, training):
+    """NCHW planes shorter than the kernels' lanes (ResNet's 2x2, 4x4 stages: passed as rows of
+    C*H*W values, or planar with a short vector tail), with ReLU and residual."""
+    test_operator_matches_reference(shape, "contiguous", dtype, training, True, True, True)
+    test_operator_matches_reference(shape, "contiguous", dtype, training, False, False, False)
+
+
 def test_results_do_not_depend_on_thread_count():
     x = torch.randn(16, 8, 33, 31) + 100
     before = torch.get_num_threads()

@@ -16,6 +16,7 @@
 #include <torch/types.h>
 
 #include <algorithm>
+#include <numeric>
 #include <vector>
 
 namespace bnlab {
@@ -30,6 +31,8 @@ constexpr int64_t kLanes = 32;     // partial sums per plane pass
 // model, where the previous layer left the data spread over every core's cache, splitting
 // smaller tensors measured faster than the 65536 used before).
 constexpr int64_t kMinParallelElements = 32768;
+// Planes shorter than this are passed as rows (see small_planes_as_rows).
+constexpr int64_t kSmallPlane = 8;
 
 struct Geometry {
   int64_t N, C, L;
@@ -43,6 +46,19 @@ inline Geometry geometry(const at::Tensor& x) {
   for (int64_t d = 2; d < x.dim(); ++d) g.L *= x.size(d);
   g.rows = !(x.is_contiguous() && g.L > 1);
   return g;
+}
+
+// Small planes (NCHW with H*W < kSmallPlane, e.g. ResNet's 7x7, 4x4, 2x2 stages) make the
+// planar loops short; each sample is then one row of C*L values instead, with every
+// per-channel coefficient repeated L times (`per_position`).
+inline bool small_planes(const Geometry& g) { return !g.rows && g.L < kSmallPlane; }
+inline Geometry small_planes_as_rows(const Geometry& g) { return {g.N, g.C * g.L, 1, true}; }
+
+template <typename T>
+std::vector<T> per_position(const T* per_channel, const Geometry& g) {
+  std::vector<T> out(g.C * g.L);
+  for (int64_t c = 0; c < g.C; ++c) std::fill_n(out.begin() + c * g.L, g.L, per_channel[c]);
+  return out;
 }
 
 // One chunk per thread, but no more chunks than work items or than the size justifies.
@@ -67,6 +83,16 @@ void channel_sums(const Geometry& g, const scalar_t* u, const scalar_t* v, const
                   const typename AccType<scalar_t>::type* shift, double* s1, double* s2) {
   using acc_t = typename AccType<scalar_t>::type;
   const int64_t C = g.C, L = g.L;
+  if (small_planes(g)) {
+    const auto positions = per_position(shift, g);
+    std::vector<double> t1(C * L), t2(C * L);
+    channel_sums<scalar_t, TWO, MASK>(small_planes_as_rows(g), u, v, m, positions.data(), t1.data(), t2.data());
+    for (int64_t c = 0; c < C; ++c) {
+      s1[c] = std::accumulate(t1.begin() + c * L, t1.begin() + (c + 1) * L, 0.0);
+      s2[c] = std::accumulate(t2.begin() + c * L, t2.begin() + (c + 1) * L, 0.0);
+    }
+    return;
+  }
   const int64_t work = g.rows ? g.rows_count() : g.N * C;
   const int64_t chunks = chunk_count(work, g.N * C * L);
   std::vector<double> part(chunks * 2 * C, 0.0);
@@ -106,12 +132,15 @@ void channel_sums(const Geometry& g, const scalar_t* u, const scalar_t* v, const
                   a2[j] += e * d;
                 }
               }
-              for (int64_t j = 0; l < l1; ++l, ++j) {
-                const acc_t d = static_cast<acc_t>(up[l]) - sh;
-                const acc_t e = TWO ? masked<MASK, acc_t>(vp[l], mp, l) : d;
+              const int64_t rest = l1 - l;  // < kLanes: one lane each, still vectorized
+#pragma omp simd
+              for (int64_t j = 0; j < rest; ++j) {
+                const acc_t d = static_cast<acc_t>(up[l + j]) - sh;
+                const acc_t e = TWO ? masked<MASK, acc_t>(vp[l + j], mp, l + j) : d;
                 a1[j] += e;
                 a2[j] += e * d;
               }
+              l = l1;
               pending += l1 - l0;
               if (pending >= kBlock || (w + 1 == w_end && l1 == L)) {
                 for (int64_t j = 0; j < kLanes; ++j) {
@@ -206,6 +235,16 @@ template <typename scalar_t, bool USE_V, bool USE_U, bool MASK, bool RES, bool R
 void channel_affine(const Geometry& g, const AffineArgs<scalar_t>& p) {
   using acc_t = typename AccType<scalar_t>::type;
   const int64_t C = g.C, L = g.L;
+  if (small_planes(g)) {
+    std::vector<acc_t> A, B, K, S;  // the coefficients this pass reads, per position
+    AffineArgs<scalar_t> q = p;
+    if (USE_V) q.A = (A = per_position(p.A, g)).data();
+    if (USE_U) q.B = (B = per_position(p.B, g)).data();
+    if (USE_U) q.shift = (S = per_position(p.shift, g)).data();
+    q.K = (K = per_position(p.K, g)).data();
+    channel_affine<scalar_t, USE_V, USE_U, MASK, RES, RELU, WRITE_G>(small_planes_as_rows(g), q);
+    return;
+  }
   const int64_t work = g.rows ? g.rows_count() : g.N * C;
   const int64_t per_item = g.rows ? C : L;
   const int64_t grain = std::max<int64_t>(1, kMinParallelElements / std::max<int64_t>(per_item, 1));
