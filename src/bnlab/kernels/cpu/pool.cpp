@@ -5,6 +5,7 @@
 
 #include <cstdlib>
 #include <deque>
+#include <iterator>
 #include <mutex>
 #include <sys/mman.h>
 
@@ -30,11 +31,12 @@ class Pool final : public c10::Allocator {
     void* ptr = nullptr;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      for (auto it = idle_.begin(); it != idle_.end(); ++it) {
+      // The most recently freed block of this size first: the one most likely still cached.
+      for (auto it = idle_.rbegin(); it != idle_.rend(); ++it) {
         if (it->bytes == bytes) {
           ptr = it->ptr;
           idle_bytes_ -= static_cast<int64_t>(bytes);
-          idle_.erase(it);
+          idle_.erase(std::next(it).base());
           ++hits_;
           break;
         }

@@ -3,7 +3,8 @@
 // A fresh 50 MB CPU tensor costs page faults and zeroing on every training step, more than
 // the normalization's arithmetic on small machines. Tensors of at least kPoolMinBytes are
 // allocated here instead: 2 MiB-aligned, transparent huge pages requested, and on release
-// kept for the next allocation of the same size, up to a cap of idle bytes (oldest dropped
+// kept for the next allocation of the same size (the most recently freed first: likeliest
+// still in cache), up to a cap of idle bytes (oldest dropped
 // first; BNLAB_POOL_MB, default 256; 0 disables caching). The tensors are ordinary: their
 // storage is resizable (through this allocator), shareable and serializable like torch's.
 #pragma once
