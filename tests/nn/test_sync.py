@@ -6,6 +6,7 @@ import torch.multiprocessing as mp
 
 from bnlab import nn as bnn
 from distributed_workers import sync_bn_expect_error, sync_bn_foreign_group, sync_bn_worker
+from helpers import sync_reference
 
 
 @pytest.mark.parametrize("sizes", [[5, 3], [5, 3, 0]])
@@ -13,16 +14,7 @@ def test_sync_bn_equals_bn_on_the_concatenated_batch(tmp_path, sizes):
     seed = 11
     mp.start_processes(sync_bn_worker, args=(len(sizes), sizes, seed, str(tmp_path)), nprocs=len(sizes), start_method="spawn")  # fmt: skip
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(len(sizes))]
-    g = torch.Generator().manual_seed(seed)
-    total = sum(sizes)
-    x = (torch.randn(total, 3, 4, 5, generator=g, dtype=torch.float64) * 2 + 1e3).requires_grad_()
-    dy = torch.randn(total, 3, 4, 5, generator=g, dtype=torch.float64)
-    bn = torch.nn.BatchNorm2d(3, momentum=0.3, dtype=torch.float64)
-    with torch.no_grad():
-        bn.weight.copy_(torch.tensor([0.5, 1.0, 2.0]))
-        bn.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
-    out = bn(x)
-    out.backward(dy)
+    x, out, bn = sync_reference(sizes, seed)
     tol = 1e-9  # float64; measured errors stay below 1e-11
     assert (torch.cat([r["out"] for r in results]) - out).abs().max() <= tol
     assert (torch.cat([r["grad"] for r in results]) - x.grad).abs().max() <= tol

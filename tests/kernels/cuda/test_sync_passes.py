@@ -9,6 +9,7 @@ import torch.multiprocessing as mp
 
 from bnlab.kernels.cuda import ops
 from distributed_workers import sync_bn_worker
+from helpers import sync_reference
 
 CASES = [  # shape, layout, dtype, tolerance
     ((37, 5), "contiguous", torch.float64, 1e-10),
@@ -74,16 +75,7 @@ def test_sync_batchnorm_on_the_triton_passes(tmp_path, device):
     mp.start_processes(sync_bn_worker, args=(len(sizes), sizes, seed, str(tmp_path), "triton"), nprocs=len(sizes), start_method="spawn")  # fmt: skip
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(len(sizes))]
     assert all(r["passes"] == "bnlab.kernels.cuda.ops" for r in results)
-    g = torch.Generator().manual_seed(seed)
-    total = sum(sizes)
-    x = (torch.randn(total, 3, 4, 5, generator=g, dtype=torch.float64) * 2 + 1e3).requires_grad_()
-    dy = torch.randn(total, 3, 4, 5, generator=g, dtype=torch.float64)
-    bn = torch.nn.BatchNorm2d(3, momentum=0.3, dtype=torch.float64)
-    with torch.no_grad():
-        bn.weight.copy_(torch.tensor([0.5, 1.0, 2.0]))
-        bn.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
-    out = bn(x)
-    out.backward(dy)
+    x, out, bn = sync_reference(sizes, seed)
     tol = 1e-9
     assert (torch.cat([r["out"] for r in results]) - out).abs().max() <= tol
     assert (torch.cat([r["grad"] for r in results]) - x.grad).abs().max() <= tol
