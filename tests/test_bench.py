@@ -95,3 +95,34 @@ def test_arms_share_weights_and_differ_only_in_bn():
     assert not any(issubclass(k, (torch.nn.BatchNorm2d, bnn.BatchNorm2d)) for k in kinds["identity"])  # fmt: skip
     for name in ("bnlab", "bnlab-fused", "identity"):
         torch.testing.assert_close(models[name].conv1.weight, models["torch"].conv1.weight)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")  # fmt: skip
+def test_bench_device_cuda_without_a_gpu_is_one_clear_error():
+
+    result = CliRunner().invoke(app, ["bench", "--device", "cuda"])
+    assert result.exit_code == 2
+    assert "device: expected a CUDA device for --device cuda, torch sees none" in result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")  # fmt: skip
+def test_triton_entry_with_a_cpu_tensor_says_it_needs_cuda():
+    pytest.importorskip("triton")
+    code = (
+        "import torch\n"
+        "from bnlab.kernels.cuda.autograd import batch_norm\n"
+        "try:\n    batch_norm(torch.randn(4, 3), None, None, training=True)\n"
+        "except ValueError as e:\n    print(e)\n"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert "input: expected a CUDA tensor for bnlab's Triton kernels, got one on cpu" in out.stdout, out.stderr  # fmt: skip
+
+
+def test_rows_faster_than_their_floor_are_flagged():
+    from bnlab.bench.report import disturbed
+
+    row = {"shape": "small", "layout": "contiguous", "mode": "eval-fwd", "floor_ms": 1.0}
+    rows = [{**row, "bnlab_ms": 2.0, "torch_ms": 3.0}, {**row, "mode": "train-fwd", "bnlab_ms": 0.5, "torch_ms": 3.0}]  # fmt: skip
+    assert disturbed({"rows": rows}) == ["small contiguous train-fwd"]

@@ -272,3 +272,25 @@ def test_the_report_says_why_fx_was_not_used():
     assert report.fx_error.startswith("TraceError: symbolically traced variables cannot be used as inputs to control flow")  # fmt: skip
     assert "torch.fx could not trace the model (TraceError" in str(report)
     assert fold_batchnorm(trained(mlp(), torch.randn(6, 10))).fold_report.fx_error == ""
+
+
+def test_trusted_file_whose_class_is_not_importable_says_so(tmp_path, monkeypatch):
+    import importlib
+    import sys
+
+    from bnlab.inference.foldfile import load_model
+
+    (tmp_path / "usermodel.py").write_text(
+        "import torch\nclass Net(torch.nn.Sequential):\n    pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    net = importlib.import_module("usermodel").Net(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)
+    )
+    torch.save(net, tmp_path / "net.pt")
+    monkeypatch.delitem(sys.modules, "usermodel")
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(tmp_path)])
+    with pytest.raises(
+        ValueError, match=r"class cannot be imported here \(ModuleNotFoundError.*PYTHONPATH"
+    ):
+        load_model(tmp_path / "net.pt", trust_file=True)

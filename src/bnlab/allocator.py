@@ -30,4 +30,8 @@ def exec_tuned(argv: Sequence[str]) -> None:
     """Replace this process with ``argv`` run under the tuned allocator."""
     if not argv:
         raise ValueError("argv: expected a command to run, got nothing")
+    import shutil
+
+    if shutil.which(argv[0]) is None:
+        raise ValueError(f"argv: command not found: {argv[0]!r}")
     os.execvpe(argv[0], list(argv), tuned_environ())

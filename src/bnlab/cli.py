@@ -158,13 +158,16 @@ def bench(
     import torch
 
     if device == "cuda":
+        if not torch.cuda.is_available():
+            console.print("[red]error:[/red] device: expected a CUDA device for --device cuda, torch sees none")  # fmt: skip
+            raise typer.Exit(2)
         from bnlab.bench.cuda import run_cli
 
         run_cli(out, repeats, compile, console.print)
         return
 
     from bnlab.allocator import is_tuned
-    from bnlab.bench.report import models_table, render
+    from bnlab.bench.report import disturbed, models_table, render
 
     if threads > 0:
         torch.set_num_threads(threads)
@@ -192,19 +195,15 @@ def bench(
         result["tuned"] = _bench_tuned(out)
     if result["rows"]:
         console.print(render(result, out))
+        below = disturbed(result)
+        if below:
+            console.print(f"[yellow]warning: {len(below)} case(s) timed below the bandwidth floor ({'; '.join(below[:4])}): the machine was busy while timing; rerun on an idle machine before trusting these figures[/yellow]")  # fmt: skip
     else:
         from bnlab.files import atomic_write_json
 
         atomic_write_json(out / "bench.json", result)
     if "models" in result:
         console.print(models_table(result["models"]))
-    if "tuned" in result:
-        from bnlab.bench.report import table
-
-        if result["tuned"]["rows"]:
-            console.print(table(result["tuned"]))
-        if "models" in result["tuned"]:
-            console.print(models_table(result["tuned"]["models"]))
     console.print(f"written: {out / 'bench.json'}" + (f", {out / 'bench.png'}" if result["rows"] else ""))  # fmt: skip
 
 

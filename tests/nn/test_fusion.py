@@ -77,3 +77,33 @@ def test_errors_name_the_argument():
         bnn.fuse_activations(Untraceable(), torch.randn(2, 3, 2, 2))
     with pytest.raises(TypeError, match=r"model: expected a torch\.nn\.Module, got int"):
         bnn.fuse_activations(3)
+
+
+def test_an_example_the_model_cannot_take_is_refused_naming_it(capfd):
+    model = bnn.convert(MODELS["resnet_basic"]()).train()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"example: the model fails on the example input\(s\) of shape \(2, 5, 16, 16\)"):  # fmt: skip
+        bnn.convert(model, example=torch.randn(2, 5, 16, 16))
+    assert "Traceback" not in capfd.readouterr().err  # one error, not torch's ShapeProp dump
+    assert model.training
+    for key, value in before.items():  # the model itself untouched
+        assert torch.equal(model.state_dict()[key], value)
+
+
+def test_revert_unfuses_a_fused_model_for_torch_tools():
+    """revert(convert(model, example=x)): torch's BN, the add and the ReLU back in the graph;
+    same output, same checkpoint keys; jit.script and torch's SyncBatchNorm conversion work."""
+    torch.manual_seed(0)
+    reference = randomize_batchnorm(MODELS["resnet_basic"]()).eval()
+    x, _ = batch()
+    fused = bnn.convert(copy.deepcopy(reference), example=x)
+    assert _fused(fused)
+    reverted = bnn.revert(fused)
+    kinds = {type(m).__module__.split(".")[0] for m in reverted.modules() if "BatchNorm" in type(m).__name__}  # fmt: skip
+    assert kinds == {"torch"}, kinds
+    assert list(reverted.state_dict()) == list(reference.state_dict())
+    with torch.no_grad():
+        close(reverted(x), reference(x), "reverted output")
+        close(torch.jit.script(reverted)(x), reference(x), "scripted reverted output")
+    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(reverted)
+    assert all(type(m) is torch.nn.SyncBatchNorm for m in synced.modules() if "BatchNorm" in type(m).__name__)  # fmt: skip

@@ -48,6 +48,16 @@ def chart(result: dict):
     return fig
 
 
+def disturbed(result: dict) -> list[str]:
+    """Rows timed faster than their bandwidth floor (bnlab's or torch's): impossible on a
+    quiet machine, so the timing was disturbed (other load, frequency changes)."""
+    return [
+        f"{row['shape']} {row['layout']} {row['mode']}"
+        for row in result["rows"]
+        if min(row["bnlab_ms"], row["torch_ms"]) < row["floor_ms"]
+    ]
+
+
 def render(result: dict, out: Path) -> Table:
     """Write bench.json and bench.png into ``out``; return the table to print."""
     import matplotlib.pyplot as plt

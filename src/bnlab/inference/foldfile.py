@@ -81,6 +81,14 @@ def load_model(path: Path, trust_file: bool = False) -> nn.Module | torch.jit.Sc
         loaded = _unpickle(path, trust_file)
     except ValueError:
         raise
+    except (
+        ModuleNotFoundError,
+        AttributeError,
+    ) as error:  # the pickle names a class not found here
+        raise ValueError(
+            f"{path}: the model's class cannot be imported here ({type(error).__name__}: {error}); "
+            "run where the module defining it is importable (e.g. PYTHONPATH=<its folder>)"
+        ) from error
     except Exception as error:
         raise ValueError(f"{path}: not a PyTorch model file ({type(error).__name__}: {error})") from error  # fmt: skip
     if isinstance(loaded, dict):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import warnings
 
+import torch
 from torch import nn
 
 from bnlab.compat import TORCH_BN_HAS_BIAS
@@ -172,11 +173,17 @@ def _to_torch(module: nn.Module) -> nn.Module | None:
 def revert(model: nn.Module) -> nn.Module:
     """Replace bnlab's BN layers in ``model`` by torch's (in place); return the model.
 
-    bnlab modules without a torch counterpart (Ghost BN, Batch Renorm, a BN+act module made
-    directly rather than converted) are left as they are, with a ``UserWarning``.
+    A model fused by ``convert(model, example=...)`` gets its BN, add and ReLU back as
+    separate graph nodes first. bnlab modules without a torch counterpart (Ghost BN, Batch
+    Renorm, a BN+act module made directly rather than converted) are left as they are, with a
+    ``UserWarning``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, torch.fx.GraphModule):  # from convert(model, example=...): unfuse first
+        from bnlab.nn.fusion import unfuse_activations
+
+        unfuse_activations(model)
     left: list[str] = []
     reverted = _revert(model, "", left)
     if left:

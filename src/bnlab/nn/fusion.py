@@ -28,7 +28,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from bnlab.nn.classes import batchnorm_class, batchnorm_dims, is_batchnorm
 from bnlab.nn.fused import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
 
-__all__ = ["fuse_activations"]
+__all__ = ["fuse_activations", "unfuse_activations"]
 
 _FUSED = {1: BatchNormAct1d, 2: BatchNormAct2d, 3: BatchNormAct3d}
 _RELU_FUNCTIONS = (torch.relu, torch.relu_, F.relu)
@@ -71,15 +71,21 @@ def _only_user(node: torch.fx.Node) -> torch.fx.Node | None:
     return next(iter(node.users)) if len(node.users) == 1 else None
 
 
-def _fused_module(bn: nn.Module) -> nn.Module:
-    cls = _FUSED[batchnorm_dims(bn)]
+def _rebuilt(bn: nn.Module, cls: type, **kwargs) -> nn.Module:
+    """``cls`` with ``bn``'s hyper-parameters, its very tensors and its mode."""
     tensors = [t for t in (bn.weight, bn.running_mean) if t is not None]
     factory = {"device": tensors[0].device, "dtype": tensors[0].dtype} if tensors else {}
-    fused = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, act="relu", bias=bn.bias is not None or not bn.affine, nonfinite=bn.nonfinite, **factory)  # fmt: skip
+    module = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, bias=bn.bias is not None or not bn.affine, nonfinite=bn.nonfinite, **factory, **kwargs)  # fmt: skip
     for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
-        if getattr(fused, name, None) is not None:
-            setattr(fused, name, getattr(bn, name))
-    return fused.train(bn.training)
+        if getattr(module, name, None) is not None:
+            setattr(module, name, getattr(bn, name))
+    return module.train(bn.training)
+
+
+def _fused_module(bn: nn.Module) -> nn.Module:
+    fused = _rebuilt(bn, _FUSED[batchnorm_dims(bn)], act="relu")
+    fused._made_by_fusion = True  # what unfuse_activations undoes
+    return fused
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -103,12 +109,24 @@ def fuse_activations(model: nn.Module, *example: torch.Tensor) -> torch.fx.Graph
             f"model: torch.fx cannot trace {type(model).__name__} ({type(error).__name__}: "
             f"{str(error)[:200]}); use bnlab.nn.convert alone, or BatchNormAct modules by hand"
         ) from error
+    for node in graph.nodes:  # postponed annotations ("Tensor") would reach the code as names
+        if isinstance(node.type, str):  # torch.jit.script cannot resolve: leave them out
+            node.type = None
     traced = torch.fx.GraphModule(root, graph)
     modes = {m: m.training for m in traced.modules()}
-    with torch.no_grad():
-        ShapeProp(traced.eval()).propagate(*example)
-    for module, training in modes.items():
-        module.training = training
+    try:
+        with torch.no_grad():
+            traced.eval()(*example)  # a plain call first: a clear error, no ShapeProp dump
+            ShapeProp(traced).propagate(*example)
+    except Exception as error:
+        shapes = ", ".join(str(tuple(e.shape)) if isinstance(e, torch.Tensor) else type(e).__name__ for e in example)  # fmt: skip
+        raise ValueError(
+            f"example: the model fails on the example input(s) of shape {shapes} "
+            f"({type(error).__name__}: {str(error)[:300]})"
+        ) from error
+    finally:
+        for module, training in modes.items():
+            module.training = training
     modules = dict(traced.named_modules())
     for node in list(traced.graph.nodes):
         if node.op != "call_module" or not _plain_bnlab(modules[node.target]):
@@ -140,3 +158,30 @@ def fuse_activations(model: nn.Module, *example: torch.Tensor) -> torch.fx.Graph
 def _plain_bnlab(module: nn.Module) -> bool:
     dims = batchnorm_dims(module)
     return dims is not None and type(module) is batchnorm_class(dims, "bnlab")
+
+
+def unfuse_activations(traced: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Undo :func:`fuse_activations` in place: each BatchNormAct it made becomes bnlab's plain
+    BN again, followed by ``+ residual`` and ``torch.relu`` in the graph (same tensors, same
+    checkpoint keys), so that :func:`bnlab.nn.revert` can hand torch's BN back."""
+    modules = dict(traced.named_modules())
+    changed = False
+    for node in list(traced.graph.nodes):
+        module = modules.get(node.target) if node.op == "call_module" else None
+        if not getattr(module, "_made_by_fusion", False):
+            continue
+        _set_submodule(traced, node.target, _rebuilt(module, batchnorm_class(batchnorm_dims(module), "bnlab")))  # fmt: skip
+        with traced.graph.inserting_after(node):
+            last = bn = traced.graph.call_module(node.target, (node.args[0],))
+        if len(node.args) == 2:
+            with traced.graph.inserting_after(bn):
+                last = traced.graph.call_function(operator.add, (bn, node.args[1]))
+        with traced.graph.inserting_after(last):
+            relu = traced.graph.call_function(torch.relu, (last,))
+        node.replace_all_uses_with(relu)
+        traced.graph.erase_node(node)
+        changed = True
+    if changed:
+        traced.graph.lint()
+        traced.recompile()
+    return traced

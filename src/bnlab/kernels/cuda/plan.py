@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")  # as Triton reads it
 FIN_K = 64  # partials reduced per finalize step
 WIDE_ELEMENTS = 2**31 - 2**24  # from this many elements on, offsets are computed in int64
 UPD_BLOCK = 1024  # channels per step of the running-statistics update
@@ -60,6 +62,12 @@ def _channels_last(x: Tensor) -> bool:
 
 def geometry(x: Tensor) -> tuple[Tensor, Geometry]:
     """``x`` (copied to contiguous if neither contiguous nor channels_last) and its geometry."""
+    if not (x.is_cuda or _INTERPRETED):
+        raise ValueError(
+            f"input: expected a CUDA tensor for bnlab's Triton kernels, got one on {x.device} "
+            "(CPU tensors run them only under TRITON_INTERPRET=1; bnlab.functional picks the "
+            "kernels for each device itself)"
+        )
     shape = x.shape
     N, C = shape[0], shape[1]
     S = math.prod(shape[2:]) if len(shape) > 2 else 1
