@@ -85,11 +85,19 @@ def test_inplace_ops_on_outputs_train_like_torch(shape):
 
 
 def test_eval_with_grad_enabled_and_inplace_relu():
+    """Eval with autograd on (saliency maps, adversarial inputs, frozen-BN fine-tuning): the
+    output, and the gradients of the input, weight and bias, as torch's."""
     ours, theirs = _pair()
     ours.eval(), theirs.eval()
     x = _input()
-    outs = [torch.relu_(m(x.clone().requires_grad_())) for m in (ours, theirs)]
+    inputs = [x.clone().requires_grad_() for _ in range(2)]
+    outs = [torch.relu_(m(xi)) for m, xi in zip((ours, theirs), inputs, strict=True)]
     _close(*outs)
+    for out in outs:
+        out.square().sum().backward()
+    _close(inputs[0].grad, inputs[1].grad)
+    _close(ours.weight.grad, theirs.weight.grad)
+    _close(ours.bias.grad, theirs.bias.grad)
 
 
 def test_resnet_block_training_steps_match_torch():
