@@ -117,6 +117,7 @@ MUTANTS: list[Mutant] = [
     Mutant("cpp-momentum-inverted", FORWARD_CPP, "old * (1.0 - momentum) + batch[c] * momentum", "old * momentum + batch[c] * (1.0 - momentum)", KERNELS),
     Mutant("cpp-variance-off-by-one", FORWARD_CPP, "var[c] = s2[c] / n - mean_d[c] * mean_d[c];", "var[c] = s2[c] / (n - 1.0) - mean_d[c] * mean_d[c];", KERNELS),
     Mutant("cpp-eager-eval-ignores-autograd", "src/bnlab/kernels/cpu/ops.cpp", "if (!training && !record) {", "if (!training) {", ("tests/test_operator.py",)),
+    Mutant("cpp-eager-never-reports", "src/bnlab/kernels/cpu/ops.cpp", "[](bool b) { return b; })) return {out, bad};", "[](bool b) { return b; })) return {out, c10::nullopt};", ("tests/nn/test_batchnorm.py",)),
     Mutant("cpp-dropped-eps", FORWARD_CPP, "invstd[c] = 1.0 / std::sqrt(var[c] + eps);", "invstd[c] = 1.0 / std::sqrt(var[c]);", KERNELS),
 ]
 # fmt: on
