@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")  # as Triton reads it
+from bnlab.kernels.cuda import interpreted
+
 FIN_K = 64  # partials reduced per finalize step
 WIDE_ELEMENTS = 2**31 - 2**24  # from this many elements on, offsets are computed in int64
 UPD_BLOCK = 1024  # channels per step of the running-statistics update
@@ -62,7 +62,7 @@ def _channels_last(x: Tensor) -> bool:
 
 def geometry(x: Tensor) -> tuple[Tensor, Geometry]:
     """``x`` (copied to contiguous if neither contiguous nor channels_last) and its geometry."""
-    if not (x.is_cuda or _INTERPRETED):
+    if not (x.is_cuda or interpreted()):
         raise ValueError(
             f"input: expected a CUDA tensor for bnlab's Triton kernels, got one on {x.device} "
             "(CPU tensors run them only under TRITON_INTERPRET=1; bnlab.functional picks the "
