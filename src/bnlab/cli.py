@@ -60,9 +60,16 @@ def run(
     data_dir: str = typer.Option(None, help="Directory with the real MNIST/CIFAR-10 files."),
     impl: str = typer.Option("bnlab", help="BatchNorm implementation: bnlab or torch."),
     out: str = typer.Option("runs", help="Root directory of the runs and the report."),
-    progress: bool = typer.Option(True, help="Show progress bars."),
+    progress: bool = typer.Option(
+        None,
+        "--progress/--no-progress",
+        help="Show progress bars (default: when stderr is a terminal).",
+    ),
 ) -> None:
     """Run experiments into OUT/<experiment>/<timestamp>/ and write OUT/report.html."""
+    import sys
+
+    progress = sys.stderr.isatty() if progress is None else progress
     from bnlab.lab.experiments import REGISTRY
     from bnlab.lab.report import build_report
     from bnlab.lab.runner import latest_runs, run_experiment
