@@ -56,8 +56,14 @@ def enabled() -> bool:
 
 def set_enabled(flag: bool) -> None:
     """Switch the kernels on or off for this process (tests compare both paths)."""
-    global _ENABLED, EAGER
+    global _ENABLED
     _ENABLED = bool(flag)
+    _set_eager()
+
+
+def _set_eager() -> None:
+    """EAGER follows the switch and the build: the extension's entry, or None."""
+    global EAGER
     EAGER = _state["module"].eager if _ENABLED and _state["module"] is not None else None
 
 
@@ -81,10 +87,10 @@ def load() -> ModuleType | None:
             fake.register()
             composite.register()
             _register_cuda()
-            global OPS, EAGER
+            global OPS
             OPS = _Overloads()
-            EAGER = module.eager if _ENABLED else None
             _state["module"] = module
+            _set_eager()
         except Exception as error:  # no compiler, no headers, ...: fall back, say why once
             _state["error"] = error
             warnings.warn(

@@ -44,14 +44,15 @@ class _TorchPasses:
         return shift, mean_d, var * count, count
 
     @staticmethod
-    def _x_hat(xa: Tensor, shift: Tensor, mean_d: Tensor, invstd: Tensor) -> Tensor:
-        return (xa - F.per_channel(shift, xa) - F.per_channel(mean_d, xa)) * F.per_channel(invstd, xa)  # fmt: skip
+    def _x_hat(xa: Tensor, shift: Tensor, mean_d: Tensor, scale: Tensor) -> Tensor:
+        """``(x - shift - mean_d)·scale`` per channel: x̂ for ``scale = invstd``."""
+        return (xa - F.per_channel(shift, xa) - F.per_channel(mean_d, xa)) * F.per_channel(scale, xa)  # fmt: skip
 
     @staticmethod
     def normalize(input, shift, mean_d, invstd, weight, bias) -> Tensor:
         xa = input.to(shift.dtype)
         scale = invstd if weight is None else invstd * weight.to(shift.dtype)
-        out = (xa - F.per_channel(shift, xa) - F.per_channel(mean_d, xa)) * F.per_channel(scale, xa)  # fmt: skip
+        out = _TorchPasses._x_hat(xa, shift, mean_d, scale)  # x̂·w
         if bias is not None:
             out = out + F.per_channel(bias.to(shift.dtype), xa)
         return out.to(input.dtype)

@@ -140,7 +140,6 @@ void channel_sums(const Geometry& g, const scalar_t* u, const scalar_t* v, const
                 a1[j] += e;
                 a2[j] += e * d;
               }
-              l = l1;
               pending += l1 - l0;
               if (pending >= kBlock || (w + 1 == w_end && l1 == L)) {
                 for (int64_t j = 0; j < kLanes; ++j) {
