@@ -141,7 +141,8 @@ def test_native_path_for_devices_without_kernels(monkeypatch):
     """A device without bnlab kernels takes torch's kernel with bnlab's checks (simulated on
     the CPU by removing it from the kernel devices)."""
     monkeypatch.setattr(kernels, "DEVICES", set())
-    monkeypatch.setattr(kernels, "EAGER", None)  # (the CPU fast path)
+    monkeypatch.setattr(kernels, "EAGER", None)  # (the CPU fast paths)
+    monkeypatch.setattr(kernels, "MODULE_EAGER", None)
     x = torch.randn(4, 3, 5, requires_grad=True)
     out = functional.batch_norm(x, None, None, training=True)
     assert "NativeBatchNorm" in out.grad_fn.name()

@@ -45,7 +45,7 @@ from bnlab.kernels.composite import (
 )
 from bnlab.kernels.function import BatchNormFunction, Operators
 
-__all__ = ["apply_batch_norm", "batch_norm", "batch_stats", "compute_dtype", "grad_input_from_means", "per_channel", "reduce_dims"]  # fmt: skip
+__all__ = ["apply_batch_norm", "batch_norm", "batch_stats", "check_residual", "compute_dtype", "grad_input_from_means", "per_channel", "reduce_dims"]  # fmt: skip
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 NONFINITE_POLICIES = ("skip", "raise", "propagate")
@@ -124,11 +124,15 @@ def _check_fusion_args(input: Tensor, residual: Tensor | None, activation, nonfi
         raise ValueError(f"nonfinite: expected one of {NONFINITE_POLICIES}, got {nonfinite!r}")
     if activation not in _ACTIVATION_CODES:
         raise ValueError(f"activation: expected None, 'identity' or 'relu', got {activation!r}")
-    if residual is None:
-        return
+    if residual is not None:
+        check_residual(input, residual)
+
+
+def check_residual(input: Tensor, residual: Tensor) -> None:
+    """Raise unless ``residual`` is a tensor of ``input``'s shape, dtype and device."""
     if not isinstance(residual, Tensor):
         raise TypeError(f"residual: expected a Tensor or None, got {type(residual).__name__}")
-    if torch.jit.is_tracing():
+    if torch.jit.is_tracing():  # traced shapes are values; the operator checks
         return
     if residual.shape != input.shape or residual.dtype != input.dtype or residual.device != input.device:  # fmt: skip
         raise ValueError(

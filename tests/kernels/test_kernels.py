@@ -230,7 +230,8 @@ def test_failed_build_falls_back_to_the_composite_implementation(monkeypatch):
 
     monkeypatch.setitem(kernels._state, "module", None)
     monkeypatch.setitem(kernels._state, "error", RuntimeError("no compiler"))
-    monkeypatch.setattr(kernels, "EAGER", None)  # as load() leaves it after a failed build
+    monkeypatch.setattr(kernels, "EAGER", None)  # as load() leaves them after a failed build
+    monkeypatch.setattr(kernels, "MODULE_EAGER", None)
     monkeypatch.setattr(kernels, "OPS", None)
     x = torch.randn(8, 3, requires_grad=True)
     out = batch_norm(x, None, None, training=True)

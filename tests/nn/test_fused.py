@@ -70,7 +70,7 @@ def test_errors_name_the_argument():
     with pytest.raises(ValueError, match=r"act: expected one of .*got 'swish'"):
         bnn.BatchNormAct2d(4, act="swish")
     module = bnn.BatchNormAct2d(4)
-    with pytest.raises(ValueError, match=r"residual: expected a Tensor of input's shape \(2, 4, 3, 3\), got \(2, 4, 3, 1\)"):  # fmt: skip
+    with pytest.raises(ValueError, match=r"residual: expected input's shape \(2, 4, 3, 3\).*got \(2, 4, 3, 1\)"):  # fmt: skip
         module(torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 1))
     with pytest.raises(ValueError, match="input: expected 4D input"):
         module(torch.randn(2, 4, 3))

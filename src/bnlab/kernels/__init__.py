@@ -46,6 +46,7 @@ _ENABLED = os.environ.get("BNLAB_KERNELS", "1") != "0"
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 OPS = None  # torch.ops.bnlab's overloads once loaded: batch_norm, batch_norm_forward, ...
 EAGER = None  # eager CPU calls, entered directly (cpu/ops.cpp); None while disabled or unbuilt
+MODULE_EAGER = None  # the same for bnlab's BatchNorm modules (their rules and checks in C++)
 DEVICES = {"cpu"}  # device types with bnlab kernels ("cuda" once its kernels are registered)
 
 
@@ -62,9 +63,11 @@ def set_enabled(flag: bool) -> None:
 
 
 def _set_eager() -> None:
-    """EAGER follows the switch and the build: the extension's entry, or None."""
-    global EAGER
-    EAGER = _state["module"].eager if _ENABLED and _state["module"] is not None else None
+    """EAGER and MODULE_EAGER follow the switch and the build: the extension's entries, or None."""
+    global EAGER, MODULE_EAGER
+    module = _state["module"] if _ENABLED else None
+    EAGER = module.eager if module is not None else None
+    MODULE_EAGER = module.module_eager if module is not None else None
 
 
 def load() -> ModuleType | None:

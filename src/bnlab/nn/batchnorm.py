@@ -36,6 +36,11 @@ class _NormBase(nn.Module):
         "affine",
     ]
     _expected_dims: tuple[int, ...] = ()
+    _dims_mask = 0  # bit d set for each rank d in _expected_dims (for the C++ entry)
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._dims_mask = sum(1 << d for d in cls._expected_dims)
 
     def __init__(
         self,
@@ -116,9 +121,9 @@ class _NormBase(nn.Module):
             "with torch's BatchNorm."
         )
 
-    def _check_input(self, input: Tensor) -> None:
-        """Raise, naming what is wrong, unless ``input`` fits this module (rank, dtype,
-        device, channels). One cheap test first: it runs before every call."""
+    def _check_input(self, input: Tensor, residual: Tensor | None = None) -> None:
+        """Raise, naming what is wrong, unless ``input`` (and ``residual``) fit this module
+        (rank, dtype, device, channels). One cheap test first."""
         state = self.weight if self.weight is not None else self.running_mean
         if (
             isinstance(input, Tensor)
@@ -127,6 +132,8 @@ class _NormBase(nn.Module):
             and (state is None or (input.is_cpu and state.is_cpu) or state.device == input.device)
             and (torch.jit.is_tracing() or input.shape[1] == self.num_features)  # trace: op checks
         ):
+            if residual is not None:
+                F.check_residual(input, residual)
             return
         if not isinstance(input, Tensor):
             raise TypeError(f"input: expected a Tensor, got {type(input).__name__}")
@@ -186,7 +193,30 @@ class _BatchNorm(_NormBase):
 
     def _normalize(self, input: Tensor, residual: Tensor | None = None, activation: str | None = None) -> Tensor:  # fmt: skip
         """``act(bn(input) + residual)`` with this module's state and torch's train/eval rules."""
-        self._check_input(input)
+        eager = kernels.MODULE_EAGER
+        if eager is not None and not F._traced_or_transformed():
+            # The common case, eager on the CPU: the rules below, the input checks and the
+            # kernel in one C++ call (inside a model every Python line runs with cold caches).
+            params, buffers = self._parameters, self._buffers
+            try:
+                out, bad = eager(input, params["weight"], params["bias"], residual,
+                                 buffers["running_mean"], buffers["running_var"],
+                                 buffers["num_batches_tracked"], self.training,
+                                 self.track_running_stats, self.momentum, self.eps,
+                                 F._ACTIVATION_CODES[activation], F._POLICY_CODES[self.nonfinite],
+                                 self._dims_mask, self.num_features)  # fmt: skip
+            except (KeyError, TypeError):  # state replaced (a parametrization), or a non-tensor
+                out = None
+            if out is not None:
+                if bad is not None:
+                    F._report(bad, F._POLICY_CODES[self.nonfinite])
+                return out
+        return self._normalize_general(input, residual, activation)
+
+    def _normalize_general(self, input: Tensor, residual: Tensor | None, activation: str | None) -> Tensor:  # fmt: skip
+        """:meth:`_normalize` in Python: compiled, traced or transformed calls, other devices,
+        and the inputs that the C++ entry sends back (whose errors are raised here)."""
+        self._check_input(input, residual)
         momentum = self._averaging_factor()
         use_batch_stats = self.training or self.running_mean is None
         track = not self.training or self.track_running_stats

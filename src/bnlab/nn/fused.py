@@ -66,14 +66,11 @@ class _BatchNormAct(_BatchNorm):
         self.act = activation_module(act)
 
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
-        self._check_input(input)
-        if residual is not None and (not isinstance(residual, Tensor) or residual.shape != input.shape):  # fmt: skip
-            given = tuple(residual.shape) if isinstance(residual, Tensor) else type(residual).__name__  # fmt: skip
-            raise ValueError(f"residual: expected a Tensor of input's shape {tuple(input.shape)}, got {given}")  # fmt: skip
         if type(self.drop) is nn.Identity:  # the add (and a ReLU) in the kernel
             relu = type(self.act) is nn.ReLU
             out = self._normalize(input, residual, "relu" if relu else None)
             return out if relu else self.act(out)
+        self._check_input(input, residual)
         out = self.drop(self._normalize(input))
         if residual is not None:
             out = out + residual

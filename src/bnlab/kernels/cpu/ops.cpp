@@ -19,6 +19,7 @@
 #include "pool.h"
 
 #include <algorithm>
+#include <set>
 
 
 namespace {
@@ -174,6 +175,58 @@ std::tuple<at::Tensor, c10::optional<at::Tensor>> batch_norm_eager(
   return {out, c10::nullopt};
 }
 
+// A bnlab BatchNorm module's eager call on CPU tensors: torch's module rules (batch statistics
+// in training or without running statistics; running statistics passed where tracked; the
+// batch counted in num_batches_tracked, momentum=None meaning 1/count) and the input checks,
+// then batch_norm_eager. Returns (None, None) where the call does not fit (the module's
+// general Python path then raises, naming what is wrong), else (out, bad) as
+// batch_norm_eager; with nonfinite='raise' a rejected batch is not counted.
+//   dims_mask     bit d set for each accepted input rank d
+//   num_features  the module's channel count
+using MaybeTensor = c10::optional<at::Tensor>;
+const std::set<at::ScalarType> kFloatTypes{at::kHalf, at::kBFloat16, at::kFloat, at::kDouble};
+std::tuple<MaybeTensor, MaybeTensor> module_eager(
+    const at::Tensor& input, const MaybeTensor& weight, const MaybeTensor& bias,
+    const MaybeTensor& residual, const MaybeTensor& running_mean, const MaybeTensor& running_var,
+    const MaybeTensor& num_batches_tracked, bool training, bool track_running_stats,
+    c10::optional<double> momentum, double eps, int64_t activation, int64_t nonfinite,
+    int64_t dims_mask, int64_t num_features) {
+  const std::tuple<MaybeTensor, MaybeTensor> general{c10::nullopt, c10::nullopt};
+  const int64_t dim = input.dim();
+  if (dim >= 63 || !((dims_mask >> dim) & 1) || !input.is_cpu() ||
+      !kFloatTypes.count(input.scalar_type()) || input.size(1) != num_features ||
+      input.numel() == 0) {
+    return general;
+  }
+  for (const MaybeTensor* t : {&weight, &bias, &running_mean, &running_var}) {
+    if (t->has_value() && !(*t)->is_cpu()) return general;
+  }
+  if (residual.has_value() && (residual->sizes() != input.sizes() ||
+                               residual->scalar_type() != input.scalar_type() || !residual->is_cpu())) {
+    return general;
+  }
+  const bool batch_stats = training || !running_mean.has_value();
+  if (batch_stats && input.numel() == num_features) return general;  // one value per channel
+  const bool track = !training || track_running_stats;
+  const bool count = training && track_running_stats && num_batches_tracked.has_value();
+  int64_t* counter = nullptr;
+  if (count) {
+    const at::Tensor& n = *num_batches_tracked;
+    if (!n.is_cpu() || n.scalar_type() != at::kLong || n.numel() != 1) return general;
+    counter = n.data_ptr<int64_t>();
+  }
+  const double factor = momentum.has_value() ? *momentum : (counter ? 1.0 / double(*counter + 1) : 0.0);
+  auto [out, bad] = batch_norm_eager(input, weight, bias, residual,
+                                     track ? running_mean : c10::nullopt,
+                                     track ? running_var : c10::nullopt, batch_stats, factor, eps,
+                                     activation, nonfinite);
+  if (counter && !(bad.has_value() && nonfinite == bnlab::kRaise)) {
+    ++*counter;  // num_batches_tracked.add_(1), as torch's module does
+    num_batches_tracked->unsafeGetTensorImpl()->bump_version();
+  }
+  return {out, bad};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(bnlab, m) {
@@ -212,6 +265,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // boxing): the same autograd node and kernels, entered directly. Compiled, traced and
   // exported code, and other devices, go through torch.ops.bnlab.
   m.def("eager", &batch_norm_eager, "an eager CPU call: (out, bad channels to report or None)");
+  m.def("module_eager", &module_eager,
+        "a bnlab BatchNorm module's eager CPU call: (out, bad or None), or (None, None) where "
+        "the general path must run");
   m.def("pool_stats", [] {
     auto s = bnlab::pool_stats();
     return std::make_tuple(s.idle_bytes, s.idle_blocks, s.max_idle_bytes, s.hits, s.misses);
