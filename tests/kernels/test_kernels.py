@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from bnlab import kernels
+from bnlab import nn as bnn
 from bnlab.reference import batchnorm_backward_alt, batchnorm_forward
 
 # Max error against float64, relative to max(1, |truth|).
@@ -223,6 +224,25 @@ def test_pool_reuses_memory_across_training_steps_and_caps_idle_bytes():
     assert after["idle_bytes"] <= after["max_idle_bytes"]
     kernels.release_pool()
     assert kernels.pool_stats()["idle_bytes"] == 0
+
+
+def test_inference_outputs_use_the_pool_only_above_glibcs_mapping_size():
+    """Outputs of calls autograd does not record live briefly: below 32 MiB they come from
+    torch's allocator (glibc reuses that memory at once), above it from the pool."""
+    def calls() -> int:
+        stats = kernels.pool_stats()
+        return stats["hits"] + stats["misses"]
+
+    module = bnn.BatchNorm2d(16).eval()
+    before = calls()
+    with torch.no_grad():
+        module(torch.randn(64, 16, 32, 32))  # 4 MiB
+    assert calls() == before
+    with torch.no_grad():
+        module(torch.randn(4, 16, 384, 384))  # 36 MiB
+    assert calls() == before + 1
+    module(torch.randn(64, 16, 32, 32, requires_grad=True))  # recorded: a training-step output
+    assert calls() == before + 2
 
 
 def test_failed_build_falls_back_to_the_composite_implementation(monkeypatch):

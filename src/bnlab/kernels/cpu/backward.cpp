@@ -56,11 +56,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   auto mean_d = to_double(mean_d_t, C, 0.0);
   auto invstd = to_double(invstd_t, C, 1.0);
   std::vector<double> sum_g(C, 0.0), sum_g_xhat(C, 0.0);
-  at::Tensor grad_input = need_input ? empty_output(x) : at::Tensor();
+  at::Tensor grad_input = need_input ? empty_output(x, Use::kTraining) : at::Tensor();
   // g itself is needed for the residual; written by the dx pass when there is one.
   at::Tensor grad_residual;
   const bool write_g = need_residual && relu && need_input;
-  if (write_g) grad_residual = empty_output(x);
+  if (write_g) grad_residual = empty_output(x, Use::kTraining);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnlab_backward", [&] {
     using acc_t = typename AccType<scalar_t>::type;
     std::vector<acc_t> S(C);

@@ -128,7 +128,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_i
   }
   const at::Tensor x = to_kernel_layout(input);
   const at::Tensor res = has_residual ? same_layout(*residual, x) : at::Tensor();
-  at::Tensor out = empty_output(x);
+  at::Tensor out = empty_output(x, want_stats ? Use::kTraining : Use::kInference);
   const Geometry g = geometry(x);
   const double n = static_cast<double>(x.numel() / C);
   auto w = to_double(weight, C, 1.0), b = to_double(bias, C, 0.0);

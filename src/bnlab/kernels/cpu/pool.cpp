@@ -108,9 +108,10 @@ void Pool::release_block(void* context) {
 
 }  // namespace
 
-at::Tensor empty_output(const at::Tensor& like) {
+at::Tensor empty_output(const at::Tensor& like, Use use) {
   const int64_t bytes = like.numel() * static_cast<int64_t>(like.element_size());
-  if (bytes < kPoolMinBytes || pool_stats().max_idle_bytes == 0) {
+  const int64_t threshold = use == Use::kTraining ? kPoolMinBytes : kPoolMinInferenceBytes;
+  if (bytes < threshold || pool_stats().max_idle_bytes == 0) {
     return at::empty_strided(like.sizes(), like.strides(), like.options());
   }
   return at::detail::empty_strided_generic(like.sizes(), like.strides(), &pool(),
