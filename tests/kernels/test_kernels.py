@@ -116,6 +116,34 @@ def test_operator_matches_reference(shape, layout, dtype, training, affine, relu
     )
 
 
+@pytest.mark.parametrize(("shape", "layout", "dtype", "relu", "residual"), [c[:3] + c[5:] for c in _cases(seed=11)])  # fmt: skip
+@pytest.mark.parametrize("params", ["like-input", "float64", "strided"])
+def test_inference_path_matches_reference(shape, layout, dtype, relu, residual, params):
+    """The eager call that autograd does not record (eval under no_grad: the coefficients read
+    straight from the parameters), against the float64 reference; parameters of the compute
+    dtype, of another dtype, and non-contiguous."""
+    g = torch.Generator().manual_seed(sum(shape) + 1)
+    x = _layout((torch.randn(shape, generator=g, dtype=torch.float64) * 3 + 2).to(dtype), layout)
+    c = shape[1]
+    vectors = [torch.rand(c, generator=g, dtype=torch.float64) + 0.5, torch.randn(c, generator=g, dtype=torch.float64),
+               torch.randn(c, generator=g, dtype=torch.float64), torch.rand(c, generator=g, dtype=torch.float64) + 0.5]  # fmt: skip
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    if params == "float64":
+        w, b, rm, rv = vectors
+    elif params == "strided":
+        w, b, rm, rv = (torch.stack([v, v], 1).to(compute)[:, 0] for v in vectors)
+        assert w.stride() == (2,)
+    else:
+        w, b, rm, rv = (v.to(compute) for v in vectors)
+    r = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype) if residual else None
+    truth = reference(x, w, b, rm, rv, False, torch.zeros(shape, dtype=dtype), r, relu)[0]
+    with torch.no_grad():
+        out, bad = kernels.EAGER(x, w, b, r, rm, rv, False, MOMENTUM, EPS, int(relu), 1)
+    assert bad is None and out.dtype == dtype and out.stride() == x.stride()
+    expected = torch.as_tensor(np.ascontiguousarray(truth))
+    assert (out.double() - expected).abs().max().item() / max(1.0, expected.abs().max().item()) <= TOLERANCE[dtype]  # fmt: skip
+
+
 SHORT_PLANES = [(5, 6, 2, 2), (4, 3, 7), (3, 4, 1, 5), (6, 5, 4, 4), (3, 2, 33), (2, 3, 1, 1, 6)]
 
 

@@ -63,6 +63,67 @@ void normalize(const Geometry& g, AffineArgs<scalar_t>& p, bool residual, bool r
   }
 }
 
+// `out` with the strides of `input` (copied where the kernels used another layout).
+at::Tensor in_layout_of(const at::Tensor& input, const at::Tensor& out) {
+  return out.strides() == input.strides() ? out : at::empty_like(input).copy_(out);
+}
+
+// Per-channel values of an optional (C,) tensor as T: the tensor's own memory when it is a
+// contiguous T vector on the CPU (no copy), else a converted copy; `fill` where absent.
+template <typename T>
+class ChannelValues {
+ public:
+  ChannelValues(const c10::optional<at::Tensor>& t, int64_t C, double fill) {
+    if (t.has_value() && t->defined() && t->is_cpu() &&
+        t->scalar_type() == c10::CppTypeToScalarType<T>::value && t->stride(0) == 1) {
+      ptr_ = t->data_ptr<T>();
+      return;
+    }
+    const auto values = to_double(t, C, fill);
+    copy_.assign(values.begin(), values.end());
+    ptr_ = copy_.data();
+  }
+  const T* data() const { return ptr_; }
+
+ private:
+  const T* ptr_ = nullptr;
+  std::vector<T> copy_;
+};
+
+// weight / sqrt(var + eps), per channel.
+template <typename T>
+std::vector<T> scales(const T* __restrict__ weight, const T* __restrict__ var, T eps, int64_t C) {
+  std::vector<T> out(C);
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) out[c] = weight[c] / std::sqrt(var[c] + eps);
+  return out;
+}
+
+// Inference (eval, nothing to save for a backward): out = B * (x - running_mean) + bias,
+// B = weight / sqrt(running_var + eps), computed in the compute type straight from the
+// parameters (at small batch sizes this per-channel work costs as much as the pass).
+void normalize_inference(const Geometry& g, const at::Tensor& x, at::Tensor& out,
+                         const at::Tensor& res, const c10::optional<at::Tensor>& weight,
+                         const c10::optional<at::Tensor>& bias,
+                         const c10::optional<at::Tensor>& running_mean,
+                         const c10::optional<at::Tensor>& running_var, double eps, bool relu) {
+  const int64_t C = g.C;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnlab_inference", [&] {
+    using acc_t = typename AccType<scalar_t>::type;
+    const ChannelValues<acc_t> w(weight, C, 1.0), b(bias, C, 0.0);
+    const ChannelValues<acc_t> mean(running_mean, C, 0.0), var(running_var, C, 1.0);
+    const std::vector<acc_t> B = scales(w.data(), var.data(), static_cast<acc_t>(eps), C);
+    AffineArgs<scalar_t> p;
+    p.u = x.data_ptr<scalar_t>();
+    p.r = res.defined() ? res.data_ptr<scalar_t>() : nullptr;
+    p.shift = mean.data();
+    p.B = B.data();
+    p.K = b.data();
+    p.out = out.data_ptr<scalar_t>();
+    normalize(g, p, res.defined(), relu);
+  });
+}
+
 // running = (1 - momentum) * running + momentum * batch, in place, where `update` says.
 void update_running(at::Tensor& running, const std::vector<double>& batch, double momentum,
                     const std::vector<bool>& update) {
@@ -130,6 +191,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_i
   const at::Tensor res = has_residual ? same_layout(*residual, x) : at::Tensor();
   at::Tensor out = empty_output(x, want_stats ? Use::kTraining : Use::kInference);
   const Geometry g = geometry(x);
+  if (!training && !want_stats) {
+    normalize_inference(g, x, out, res, weight, bias, running_mean, running_var, eps, activation == kRelu);
+    return {in_layout_of(input, out), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
   const double n = static_cast<double>(x.numel() / C);
   auto w = to_double(weight, C, 1.0), b = to_double(bias, C, 0.0);
   std::vector<double> shift(C), mean_d(C, 0.0), var(C), invstd(C);
@@ -201,7 +266,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_i
                  "; their running statistics were not updated");
     }
   }
-  if (out.strides() != input.strides()) out = at::empty_like(input).copy_(out);  // unusual layout
+  out = in_layout_of(input, out);
   if (!want_stats) return {out, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   at::Tensor bad_t = at::empty({C}, input.options().dtype(at::kBool));
   for (int64_t c = 0; c < C; ++c) bad_t.data_ptr<bool>()[c] = bad[c];
