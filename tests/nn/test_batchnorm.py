@@ -227,3 +227,38 @@ def test_a_refused_batch_is_not_counted():
     assert int(ours.num_batches_tracked) == int(theirs.num_batches_tracked) == 2
     torch.testing.assert_close(ours.running_mean, theirs.running_mean)
     torch.testing.assert_close(ours.running_var, theirs.running_var)
+
+
+def test_replaced_parameters_are_used():
+    """The eager path reads the module's parameter dicts: parameters swapped by
+    torch.func.functional_call and a parametrized weight (a property, not in the dict) must
+    both be what the forward uses, as in torch's module."""
+    from torch.nn.utils import parametrize
+
+    class Doubled(torch.nn.Module):
+        def forward(self, weight):
+            return 2 * weight
+
+    x = torch.randn(6, 3, 4, 4)
+    ours, theirs = bnn.BatchNorm2d(3), torch.nn.BatchNorm2d(3)
+    swapped = {"weight": torch.tensor([0.5, 2.0, 3.0]), "bias": torch.tensor([1.0, -1.0, 0.0])}
+    got = torch.func.functional_call(ours, swapped, (x,))
+    want = torch.func.functional_call(theirs, swapped, (x,))
+    torch.testing.assert_close(got, want)
+    assert torch.equal(ours.weight, torch.ones(3)), "functional_call restores the parameters"
+    for module in (ours, theirs):
+        parametrize.register_parametrization(module, "weight", Doubled())
+    torch.testing.assert_close(ours(x), theirs(x))
+    ours.eval(), theirs.eval()
+    torch.testing.assert_close(ours(x), theirs(x))
+
+
+def test_counting_a_batch_bumps_the_version_as_torch_does():
+    """num_batches_tracked is counted in place; autograd's version counter sees it as it
+    sees torch's ``num_batches_tracked.add_(1)``."""
+    ours, theirs = bnn.BatchNorm2d(3), torch.nn.BatchNorm2d(3)
+    x = torch.randn(4, 3, 2, 2)
+    versions = [m.num_batches_tracked._version for m in (ours, theirs)]
+    ours(x), theirs(x)
+    assert [m.num_batches_tracked._version - v for m, v in zip((ours, theirs), versions, strict=True)] == [1, 1]  # fmt: skip
+    assert int(ours.num_batches_tracked) == int(theirs.num_batches_tracked) == 1
