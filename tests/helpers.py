@@ -19,7 +19,9 @@ def use_path(monkeypatch, path: str) -> None:
     module = kernels.load() if fused else None
     monkeypatch.setattr(kernels, "_ENABLED", fused)
     monkeypatch.setattr(kernels, "EAGER", module.eager if module is not None else None)
-    monkeypatch.setattr(kernels, "MODULE_EAGER", module.module_eager if module is not None else None)
+    monkeypatch.setattr(
+        kernels, "MODULE_EAGER", module.module_eager if module is not None else None
+    )
 
 
 def sync_reference(sizes: list[int], seed: int):

@@ -63,6 +63,21 @@ def test_alternate_rotates_the_order_and_counts_rounds():
         alternate({"a": lambda: None}, rounds=0, warmup=0)
 
 
+def test_alternate_adds_rounds_until_min_seconds(monkeypatch):
+    """--model-seconds: rounds continue, whole rounds only, until the time is spent (a fake
+    clock: 0.5 s per reading)."""
+    from bnlab.bench import timing
+
+    clock = iter(0.5 * i for i in range(10_000))
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: next(clock))
+    times = alternate({"a": lambda: None, "b": lambda: None}, rounds=2, warmup=0, min_seconds=10.0)
+    assert len(times["a"]) == len(times["b"]) > 2
+    clock = iter(0.5 * i for i in range(10_000))
+    assert len(alternate({"a": lambda: None}, rounds=2, warmup=0, min_seconds=0.0)["a"]) == 2
+    with pytest.raises(ValueError, match="min_seconds: expected a number >= 0, got -1"):
+        alternate({"a": lambda: None}, rounds=1, warmup=0, min_seconds=-1)
+
+
 def test_bootstrap_interval_holds_the_statistic_and_pairs_rounds():
     rng = np.random.default_rng(0)
     slow, fast = 2.0 + 0.1 * rng.random(30), 1.0 + 0.05 * rng.random(30)

@@ -150,6 +150,10 @@ def bench(
         10,
         help="Real models: alternating timed rounds after warm-up (at least 10 for a reportable figure).",
     ),
+    model_seconds: float = typer.Option(
+        0.0,
+        help="Real models: keep alternating rounds (beyond --model-rounds) until a case has been timed this long; cheap cases get more rounds and tighter intervals.",
+    ),
     model_warmup: int = typer.Option(2, help="Real models: untimed warm-up calls per arm."),
     model_width: int = typer.Option(
         64,
@@ -197,7 +201,7 @@ def bench(
         result["epoch"] = compare_epochs(repeats=1 if quick else 3, images=256 if quick else 2048)
         console.print(f"one CNN epoch: bnlab {result['epoch']['bnlab']:.2f} s, torch {result['epoch']['torch']:.2f} s ({result['epoch']['speedup']:.2f}×)")  # fmt: skip
     if models:
-        result["models"] = _bench_models(networks, sizes, quick, model_rounds, model_warmup, model_width)  # fmt: skip
+        result["models"] = _bench_models(networks, sizes, quick, model_rounds, model_warmup, model_width, model_seconds)  # fmt: skip
     if tuned and not is_tuned():
         result["tuned"] = _bench_tuned(out)
     if result["rows"]:
@@ -214,7 +218,7 @@ def bench(
     console.print(f"written: {out / 'bench.json'}" + (f", {out / 'bench.png'}" if result["rows"] else ""))  # fmt: skip
 
 
-def _bench_models(networks: str, sizes: str, quick: bool, rounds: int, warmup: int, width: int) -> dict:  # fmt: skip
+def _bench_models(networks: str, sizes: str, quick: bool, rounds: int, warmup: int, width: int, seconds: float = 0.0) -> dict:  # fmt: skip
     """The real-model section, with the options checked and parsed."""
     import re
 
@@ -234,8 +238,10 @@ def _bench_models(networks: str, sizes: str, quick: bool, rounds: int, warmup: i
         chosen, parsed = chosen[:1], dict(list(parsed.items())[:1])
     if rounds < 10:
         console.print(f"[yellow]real models: {rounds} rounds (fewer than 10): not a reportable figure[/yellow]")  # fmt: skip
+    if not seconds >= 0:
+        raise typer.BadParameter(f"expected a number of seconds >= 0, got {seconds}", param_hint="--model-seconds")  # fmt: skip
     console.print("[bold]real models: torch BN vs bnlab BN (converted) vs BN as identity[/bold]")
-    return run_models(chosen, parsed, rounds=rounds, warmup=warmup, width=width, progress=console.print)  # fmt: skip
+    return run_models(chosen, parsed, rounds=rounds, warmup=warmup, width=width, min_seconds=seconds, progress=console.print)  # fmt: skip
 
 
 def _bench_tuned(out: Path) -> dict:

@@ -257,6 +257,7 @@ def test_pool_reuses_memory_across_training_steps_and_caps_idle_bytes():
 def test_inference_outputs_use_the_pool_only_above_glibcs_mapping_size():
     """Outputs of calls autograd does not record live briefly: below 32 MiB they come from
     torch's allocator (glibc reuses that memory at once), above it from the pool."""
+
     def calls() -> int:
         stats = kernels.pool_stats()
         return stats["hits"] + stats["misses"]

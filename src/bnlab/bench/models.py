@@ -82,7 +82,7 @@ def step(model: nn.Module, x: torch.Tensor, target: torch.Tensor, mode: str) -> 
     return train_step
 
 
-def bench_case(network: str, size: str, mode: str, *, rounds: int = 10, warmup: int = 2, width: int = 64, sizes: dict = SIZES, resamples: int = 2000) -> dict:  # fmt: skip
+def bench_case(network: str, size: str, mode: str, *, rounds: int = 10, warmup: int = 2, width: int = 64, sizes: dict = SIZES, resamples: int = 2000, min_seconds: float = 0.0) -> dict:  # fmt: skip
     """Time one (network, batch and image size, mode) for every arm; a JSON-ready row."""
     batch, side = sizes[size]
     generator = torch.Generator().manual_seed(1)
@@ -91,11 +91,11 @@ def bench_case(network: str, size: str, mode: str, *, rounds: int = 10, warmup: 
     models = arms(network, x, width)
     calls = {name: step(model, x, target, mode) for name, model in models.items()}
     first = {name: fn() for name, fn in calls.items()}  # also checks that every arm runs
-    times = alternate(calls, rounds, warmup)
+    times = alternate(calls, rounds, warmup, min_seconds)
     t, b, fused, i = (np.asarray(times[a]) for a in ARMS)
     row = {
         "network": network, "size": size, "batch": batch, "side": side, "mode": mode,
-        "rounds": rounds, "warmup": warmup, "width": width,
+        "rounds": len(times["torch"]), "warmup": warmup, "width": width,
         **{f"{a}_ms": float(np.median(times[a])) for a in ARMS},
         "times_ms": times,
         "first_loss": first,
@@ -120,13 +120,13 @@ def bench_case(network: str, size: str, mode: str, *, rounds: int = 10, warmup: 
     return row
 
 
-def run_models(networks=NETWORKS, sizes: dict = SIZES, modes=MODES, *, rounds: int = 10, warmup: int = 2, width: int = 64, resamples: int = 2000, progress: Callable[[str], None] | None = None) -> dict:  # fmt: skip
+def run_models(networks=NETWORKS, sizes: dict = SIZES, modes=MODES, *, rounds: int = 10, warmup: int = 2, width: int = 64, resamples: int = 2000, min_seconds: float = 0.0, progress: Callable[[str], None] | None = None) -> dict:  # fmt: skip
     """Every (network, size, mode); rows and the environment (threads, allocator, torch)."""
     rows = []
     for network in networks:
         for size in sizes:
             for mode in modes:
-                row = bench_case(network, size, mode, rounds=rounds, warmup=warmup, width=width, sizes=sizes, resamples=resamples)  # fmt: skip
+                row = bench_case(network, size, mode, rounds=rounds, warmup=warmup, width=width, sizes=sizes, resamples=resamples, min_seconds=min_seconds)  # fmt: skip
                 rows.append(row)
                 if progress is not None:
                     progress(_line(row))
@@ -137,6 +137,7 @@ def run_models(networks=NETWORKS, sizes: dict = SIZES, modes=MODES, *, rounds: i
         "torch": torch.__version__,
         "cpu": _cpu_name(),
         "rounds": rounds,
+        "min_seconds": min_seconds,
         "warmup": warmup,
     }
 

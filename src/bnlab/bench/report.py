@@ -107,8 +107,9 @@ def _model_cells(row: dict) -> list[str]:
 def _model_title(result: dict) -> str:
     return (
         f"real models: {result['threads']} threads, {result['allocator']} allocator, torch "
-        f"{result['torch']}, {result['cpu']}; medians of {result['rounds']} alternating rounds "
-        f"after {result['warmup']} warm-up"
+        f"{result['torch']}, {result['cpu']}; medians of at least {result['rounds']} alternating rounds"
+        + (f" (and {result['min_seconds']:g} s)" if result.get("min_seconds") else "")
+        + f" per case after {result['warmup']} warm-up"
     )
 
 

@@ -21,21 +21,28 @@ def median_ms(fn: Callable[[], object], repeats: int, warmup: int) -> float:
     return 1e3 * statistics.median(times)
 
 
-def alternate(candidates: dict[str, Callable[[], object]], rounds: int, warmup: int) -> dict[str, list[float]]:  # fmt: skip
-    """Milliseconds per call of each candidate, ``rounds`` rounds after ``warmup`` calls each.
+def alternate(candidates: dict[str, Callable[[], object]], rounds: int, warmup: int, min_seconds: float = 0.0) -> dict[str, list[float]]:  # fmt: skip
+    """Milliseconds per call of each candidate, ``rounds`` rounds after ``warmup`` calls each,
+    and more rounds until the timed rounds have taken ``min_seconds`` (cheap cases then get
+    more rounds, so tighter intervals; the number of rounds is the length of each list).
 
     Each round calls every candidate once, in an order rotated from round to round, so a slow
     drift of the machine or a position effect hits all candidates alike.
     """
     if rounds < 1:
         raise ValueError(f"rounds: expected at least 1, got {rounds}")
+    if not min_seconds >= 0:
+        raise ValueError(f"min_seconds: expected a number >= 0, got {min_seconds!r}")
     names = list(candidates)
     for name in names:
         for _ in range(warmup):
             candidates[name]()
     times: dict[str, list[float]] = {name: [] for name in names}
-    for index in range(rounds):
+    began = time.perf_counter()
+    index = 0
+    while index < rounds or time.perf_counter() - began < min_seconds:
         shift = index % len(names)
+        index += 1
         for name in names[shift:] + names[:shift]:
             started = time.perf_counter()
             candidates[name]()

@@ -116,7 +116,7 @@ void channel_sums(const Geometry& g, const scalar_t* u, const scalar_t* v, const
           double t1 = 0, t2 = 0;
           int64_t pending = 0;  // elements summed in a1/a2 since the last flush to double
           for (; w < w_end; ++w) {
-            const int64_t plane = (w % g.N) * C + c;
+            const int64_t plane = (w - c * g.N) * C + c;  // sample w - c*N (no division per plane)
             const scalar_t* __restrict__ up = u + plane * L;
             const scalar_t* __restrict__ vp = TWO ? v + plane * L : up;
             const scalar_t* __restrict__ mp = MASK ? m + plane * L : up;
@@ -268,8 +268,7 @@ void channel_affine(const Geometry& g, const AffineArgs<scalar_t>& p) {
       out[i] = static_cast<scalar_t>(y);
     };
     if (!g.rows) {
-      for (int64_t plane = begin; plane < end; ++plane) {
-        const int64_t c = plane % C;
+      for (int64_t plane = begin, c = begin % C; plane < end; ++plane, c = c + 1 == C ? 0 : c + 1) {
         const acc_t a = USE_V ? p.A[c] : acc_t(0), b = USE_U ? p.B[c] : acc_t(0), k = p.K[c];
         const acc_t sh = USE_U ? p.shift[c] : acc_t(0);
         const int64_t base = plane * L;
