@@ -144,14 +144,15 @@ def test_inference_path_matches_reference(shape, layout, dtype, relu, residual, 
     assert (out.double() - expected).abs().max().item() / max(1.0, expected.abs().max().item()) <= TOLERANCE[dtype]  # fmt: skip
 
 
-SHORT_PLANES = [(5, 6, 2, 2), (4, 3, 7), (3, 4, 1, 5), (6, 5, 4, 4), (3, 2, 33), (2, 3, 1, 1, 6)]
+SHORT_PLANES = [(5, 6, 2, 2), (4, 3, 7), (3, 4, 1, 5), (6, 5, 4, 4), (3, 2, 33), (2, 3, 1, 1, 6), (80, 3, 7, 7)]  # fmt: skip
 
 
 @pytest.mark.parametrize("shape", SHORT_PLANES)
 @pytest.mark.parametrize(("dtype", "training"), [(torch.float32, True), (torch.float64, True), (torch.bfloat16, False)])  # fmt: skip
 def test_short_planes_match_reference(shape, dtype, training):
     """NCHW planes shorter than the kernels' lanes (ResNet's 2x2, 4x4 stages: passed as rows of
-    C*H*W values, or planar with a short vector tail), with ReLU and residual."""
+    C*H*W values, or planar with a short vector tail), with ReLU and residual; 80x3x7x7: a
+    channel of 3,920 values, flushed to double within the channel."""
     test_operator_matches_reference(shape, "contiguous", dtype, training, True, True, True)
     test_operator_matches_reference(shape, "contiguous", dtype, training, False, False, False)
 
