@@ -262,3 +262,14 @@ def test_counting_a_batch_bumps_the_version_as_torch_does():
     ours(x), theirs(x)
     assert [m.num_batches_tracked._version - v for m, v in zip((ours, theirs), versions, strict=True)] == [1, 1]  # fmt: skip
     assert int(ours.num_batches_tracked) == int(theirs.num_batches_tracked) == 1
+
+
+@pytest.mark.parametrize(("name", "value", "match"), [("eps", 0.0, "eps: expected a positive number, got 0.0"), ("eps", -1.0, "eps: expected a positive number"), ("momentum", 2.0, r"momentum: expected None or a number in \[0, 1\], got 2.0"), ("momentum", "0.1", "momentum: expected None or a number")])  # fmt: skip
+def test_hyperparameters_set_after_construction_are_checked(name, value, match):
+    """eps and momentum are plain attributes: a value set later is checked at the call, as
+    the constructor checks it (eps = 0 would give NaN, eps < 0 garbage)."""
+    for module in (bnn.BatchNorm2d(2), bnn.BatchNormAct2d(2)):
+        setattr(module, name, value)
+        with pytest.raises(ValueError, match=match):
+            module(torch.randn(3, 2, 2, 2))
+        assert int(module.num_batches_tracked) == 0

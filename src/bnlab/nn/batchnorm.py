@@ -217,6 +217,9 @@ class _BatchNorm(_NormBase):
         """:meth:`_normalize` in Python: compiled, traced or transformed calls, other devices,
         and the inputs that the C++ entry sends back (whose errors are raised here)."""
         self._check_input(input, residual)
+        _check_hyperparameters(
+            self.num_features, self.eps, self.momentum
+        )  # (attributes may change)
         momentum = self._averaging_factor()
         use_batch_stats = self.training or self.running_mean is None
         track = not self.training or self.track_running_stats

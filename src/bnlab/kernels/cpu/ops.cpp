@@ -179,7 +179,8 @@ std::tuple<at::Tensor, c10::optional<at::Tensor>> batch_norm_eager(
 // in training or without running statistics; running statistics passed where tracked; the
 // batch counted in num_batches_tracked, momentum=None meaning 1/count) and the input checks,
 // then batch_norm_eager. Returns (None, None) where the call does not fit (the module's
-// general Python path then raises, naming what is wrong), else (out, bad) as
+// general Python path then raises, naming what is wrong; also for an eps or momentum set
+// out of range after construction), else (out, bad) as
 // batch_norm_eager; with nonfinite='raise' a rejected batch is not counted.
 //   dims_mask     bit d set for each accepted input rank d
 //   num_features  the module's channel count
@@ -193,7 +194,8 @@ std::tuple<MaybeTensor, MaybeTensor> module_eager(
     int64_t dims_mask, int64_t num_features) {
   const std::tuple<MaybeTensor, MaybeTensor> general{c10::nullopt, c10::nullopt};
   const int64_t dim = input.dim();
-  if (dim >= 63 || !((dims_mask >> dim) & 1) || !input.is_cpu() ||
+  const bool valid_momentum = !momentum.has_value() || (*momentum >= 0.0 && *momentum <= 1.0);
+  if (!(eps > 0.0) || !valid_momentum || dim >= 63 || !((dims_mask >> dim) & 1) || !input.is_cpu() ||
       !kFloatTypes.count(input.scalar_type()) || input.size(1) != num_features ||
       input.numel() == 0) {
     return general;

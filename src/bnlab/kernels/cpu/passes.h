@@ -33,10 +33,6 @@ constexpr int64_t kLanes = 32;     // partial sums per plane pass
 constexpr int64_t kMinParallelElements = 32768;
 // Planes shorter than this are passed as rows (see small_planes_as_rows).
 constexpr int64_t kSmallPlane = 8;
-// Planes shorter than this are summed one plane at a time, each a short vector reduction
-// added to the double sums: kLanes partial sums over a plane shorter than the lanes are a
-// loop remainder that the compiler keeps in memory.
-constexpr int64_t kShortPlane = 2 * kLanes;
 
 struct Geometry {
   int64_t N, C, L;
@@ -115,28 +111,6 @@ void channel_sums(const Geometry& g, const scalar_t* u, const scalar_t* v, const
           const int64_t c = w / g.N;
           const int64_t w_end = std::min(w1, (c + 1) * g.N);
           const acc_t sh = shift[c];
-          if (L < kShortPlane) {  // each plane one short vector reduction (see kShortPlane)
-            double t1 = 0, t2 = 0;
-            for (; w < w_end; ++w) {
-              const int64_t plane = (w - c * g.N) * C + c;
-              const scalar_t* __restrict__ up = u + plane * L;
-              const scalar_t* __restrict__ vp = TWO ? v + plane * L : up;
-              const scalar_t* __restrict__ mp = MASK ? m + plane * L : up;
-              acc_t r1 = 0, r2 = 0;
-#pragma omp simd reduction(+ : r1, r2)
-              for (int64_t l = 0; l < L; ++l) {
-                const acc_t d = static_cast<acc_t>(up[l]) - sh;
-                const acc_t e = TWO ? masked<MASK, acc_t>(vp[l], mp, l) : d;
-                r1 += e;
-                r2 += e * d;
-              }
-              t1 += r1;  // in double
-              t2 += r2;
-            }
-            p1[c] += t1;
-            p2[c] += t2;
-            continue;
-          }
           // Partial sums in registers, flushed to double every kBlock elements and at the end.
           acc_t a1[kLanes] = {}, a2[kLanes] = {};
           double t1 = 0, t2 = 0;
@@ -168,7 +142,7 @@ void channel_sums(const Geometry& g, const scalar_t* u, const scalar_t* v, const
               }
               pending += l1 - l0;
               if (pending >= kBlock || (w + 1 == w_end && l1 == L)) {
-                for (int64_t j = 0; j < kLanes; ++j) {  // in double: sums of dy cancel
+                for (int64_t j = 0; j < kLanes; ++j) {
                   t1 += a1[j];
                   t2 += a2[j];
                   a1[j] = acc_t(0);
