@@ -198,18 +198,19 @@ class _BatchNorm(_NormBase):
             # The common case, eager on the CPU: the rules below, the input checks and the
             # kernel in one C++ call (inside a model every Python line runs with cold caches).
             params, buffers = self._parameters, self._buffers
+            policy = F._POLICY_CODES[self.nonfinite]
             try:
                 out, bad = eager(input, params["weight"], params["bias"], residual,
                                  buffers["running_mean"], buffers["running_var"],
                                  buffers["num_batches_tracked"], self.training,
                                  self.track_running_stats, self.momentum, self.eps,
-                                 F._ACTIVATION_CODES[activation], F._POLICY_CODES[self.nonfinite],
-                                 self._dims_mask, self.num_features)  # fmt: skip
+                                 F._ACTIVATION_CODES[activation], policy, self._dims_mask,
+                                 self.num_features)  # fmt: skip
             except (KeyError, TypeError):  # state replaced (a parametrization), or a non-tensor
                 out = None
             if out is not None:
                 if bad is not None:
-                    F._report(bad, F._POLICY_CODES[self.nonfinite])
+                    F._report(bad, policy)
                 return out
         return self._normalize_general(input, residual, activation)
 
@@ -217,9 +218,8 @@ class _BatchNorm(_NormBase):
         """:meth:`_normalize` in Python: compiled, traced or transformed calls, other devices,
         and the inputs that the C++ entry sends back (whose errors are raised here)."""
         self._check_input(input, residual)
-        _check_hyperparameters(
-            self.num_features, self.eps, self.momentum
-        )  # (attributes may change)
+        # eps and momentum are plain attributes: a value set after construction is checked here
+        _check_hyperparameters(self.num_features, self.eps, self.momentum)
         momentum = self._averaging_factor()
         use_batch_stats = self.training or self.running_mean is None
         track = not self.training or self.track_running_stats
