@@ -180,6 +180,20 @@ def test_large_offset_precision(offset, layout):
     assert np.abs(out.double().numpy() - truth).max() <= 1e-4
 
 
+def test_long_channels_keep_float64_precision():
+    """A channel of 2 million values: the kernels' partial sums are flushed to double every
+    few thousand values, so the batch variance stays exact to float32 rounding (3e-8 here;
+    summing each lane in float over the whole channel gives 3e-6)."""
+    g = torch.Generator().manual_seed(0)
+    x64 = torch.randn(256, 2, 4096, generator=g, dtype=torch.float64) * 0.01 + 3.0
+    running_mean, running_var = torch.zeros(2), torch.ones(2)
+    torch.ops.bnlab.batch_norm_forward(x64.float(), None, None, None, running_mean, running_var, True, 1.0, EPS, 0, 1, False)  # fmt: skip
+    x = x64.float().double()
+    var = x.var((0, 2), unbiased=True)
+    assert ((running_var.double() - var).abs() / var).max() < 3e-7
+    assert ((running_mean.double() - x.mean((0, 2))).abs()).max() < 1e-6
+
+
 @pytest.mark.parametrize("nonfinite", [0, 1, 2])
 def test_nonfinite_policies_inside_the_operator(nonfinite):
     x = torch.randn(8, 4, 3)
