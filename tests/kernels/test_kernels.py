@@ -157,6 +157,22 @@ def test_short_planes_match_reference(shape, dtype, training):
     test_operator_matches_reference(shape, "contiguous", dtype, training, False, False, False)
 
 
+# Around the rule for running a planar tensor channel by channel (passes.h: by_channel): planes
+# of 128 values or more, 8 channels or more, at most 2 MiB of one channel's values read and
+# written. (4, 8, 128): channel by channel; one value less or one channel less: two passes;
+# (64, 8, 2048) float32: channel by channel except the ReLU backward writing the residual's
+# gradient (5 values per element: 2.5 MiB a channel).
+BY_CHANNEL = [(4, 8, 128), (4, 8, 127), (4, 7, 128), (3, 16, 12, 12), (64, 8, 2048)]
+
+
+@pytest.mark.parametrize("shape", BY_CHANNEL)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("relu", "residual"), [(False, False), (True, False), (True, True), (False, True)])  # fmt: skip
+def test_channel_by_channel_matches_reference(shape, dtype, relu, residual):
+    """Training forward and backward on either side of the channel-by-channel rule."""
+    test_operator_matches_reference(shape, "contiguous", dtype, True, True, relu, residual)
+
+
 def test_results_do_not_depend_on_thread_count():
     x = torch.randn(16, 8, 33, 31) + 100
     before = torch.get_num_threads()
@@ -171,22 +187,25 @@ def test_results_do_not_depend_on_thread_count():
 
 
 @pytest.mark.parametrize("offset", [1e4, 1e6])
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_large_offset_precision(offset, layout):
-    x = _layout(torch.randn(32, 4, 40, 40, generator=torch.Generator().manual_seed(0)) + offset, layout)  # fmt: skip
+@pytest.mark.parametrize(("layout", "channels"), [("contiguous", 4), ("contiguous", 8), ("channels_last", 4)])  # fmt: skip
+def test_large_offset_precision(offset, layout, channels):
+    """Two passes (4 channels), channel by channel (8), rows (channels_last)."""
+    x = _layout(torch.randn(32, channels, 40, 40, generator=torch.Generator().manual_seed(0)) + offset, layout)  # fmt: skip
     out = torch.ops.bnlab.batch_norm(x, None, None, None, None, None, True, 0.1, EPS, 0, 1, False)[0]  # fmt: skip
     rows = _rows(x)
     truth = _unrows((rows - rows.mean(0)) / np.sqrt(rows.var(0) + EPS), x)
     assert np.abs(out.double().numpy() - truth).max() <= 1e-4
 
 
-def test_long_channels_keep_float64_precision():
-    """A channel of 2 million values: the kernels' partial sums are flushed to double every
-    few thousand values, so the batch variance stays exact to float32 rounding (3e-8 here;
-    summing each lane in float over the whole channel gives 3e-6)."""
+@pytest.mark.parametrize("shape", [(256, 2, 4096), (64, 8, 4096)])
+def test_long_channels_keep_float64_precision(shape):
+    """Channels of 2 million values (two passes) and of 262,144 (channel by channel): the
+    kernels' partial sums are flushed to double every few thousand values, so the batch
+    variance stays exact to float32 rounding (3e-8 and 4e-8 here; summing each lane in float
+    over the whole channel gives 3e-6 and 2e-6)."""
     g = torch.Generator().manual_seed(0)
-    x64 = torch.randn(256, 2, 4096, generator=g, dtype=torch.float64) * 0.01 + 3.0
-    running_mean, running_var = torch.zeros(2), torch.ones(2)
+    x64 = torch.randn(shape, generator=g, dtype=torch.float64) * 0.01 + 3.0
+    running_mean, running_var = torch.zeros(shape[1]), torch.ones(shape[1])
     torch.ops.bnlab.batch_norm_forward(x64.float(), None, None, None, running_mean, running_var, True, 1.0, EPS, 0, 1, False)  # fmt: skip
     x = x64.float().double()
     var = x.var((0, 2), unbiased=True)
@@ -195,19 +214,27 @@ def test_long_channels_keep_float64_precision():
 
 
 @pytest.mark.parametrize("nonfinite", [0, 1, 2])
-def test_nonfinite_policies_inside_the_operator(nonfinite):
-    x = torch.randn(8, 4, 3)
-    x[1, 2, 0] = float("inf")
-    rm, rv = torch.zeros(4), torch.ones(4)
+@pytest.mark.parametrize(("shape", "bad_channels"), [((8, 4, 3), [2]), ((8, 64, 128), [2, 33, 34])])
+def test_nonfinite_policies_inside_the_operator(nonfinite, shape, bad_channels):
+    """Small planes (two passes) and planes of 128 values over 64 channels (channel by
+    channel, on several threads): the bad channels found, the running statistics as the
+    policy says."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    for i, c in enumerate(bad_channels):
+        x[1, c, i] = (float("inf"), float("nan"))[i % 2]
+    channels = shape[1]
+    good = [c for c in range(channels) if c not in bad_channels]
+    rm, rv = torch.zeros(channels), torch.ones(channels)
     out, _, _, _, bad = torch.ops.bnlab.batch_norm_forward(x, None, None, None, rm, rv, True, 0.5, EPS, 0, nonfinite, False)  # fmt: skip
-    assert bad.tolist() == [False, False, True, False]
-    assert torch.isnan(out[:, 2]).all() and torch.isfinite(out[:, [0, 1, 3]]).all()
+    assert bad.nonzero().flatten().tolist() == bad_channels
+    assert torch.isnan(out[:, bad_channels]).all() and torch.isfinite(out[:, good]).all()
     rows = _rows(x)
     updated = 0.5 * rows.mean(0)
     if nonfinite == 0:  # propagate: every channel written, like torch
-        assert not torch.isfinite(rm[2]) and np.allclose(rm[[0, 1, 3]], updated[[0, 1, 3]])
-    elif nonfinite == 1:  # skip: the bad channel keeps its value
-        assert rm[2] == 0 and rv[2] == 1 and np.allclose(rm[[0, 1, 3]], updated[[0, 1, 3]])
+        assert not torch.isfinite(rm[bad_channels]).any() and np.allclose(rm[good], updated[good])
+    elif nonfinite == 1:  # skip: the bad channels keep their values
+        assert (rm[bad_channels] == 0).all() and (rv[bad_channels] == 1).all()
+        assert np.allclose(rm[good], updated[good], atol=1e-6)
     else:  # raise: nothing written at all
         assert (rm == 0).all() and (rv == 1).all()
 

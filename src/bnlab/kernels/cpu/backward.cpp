@@ -68,34 +68,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* dyp = dy.data_ptr<scalar_t>();
     const scalar_t* yp = relu ? y.data_ptr<scalar_t>() : nullptr;
-    if (need_weight || need_bias || (training && need_input)) {
-      std::vector<double> s1(C), s2(C);
-      if (relu) channel_sums<scalar_t, true, true>(g, xp, dyp, yp, S.data(), s1.data(), s2.data());
-      else channel_sums<scalar_t, true, false>(g, xp, dyp, nullptr, S.data(), s1.data(), s2.data());
-      for (int64_t c = 0; c < C; ++c) {
-        sum_g[c] = s1[c];
-        sum_g_xhat[c] = invstd[c] * (s2[c] - mean_d[c] * s1[c]);
-      }
-    }
-    if (!need_input) return;
-    std::vector<acc_t> A(C), B(C), K(C);
-    for (int64_t c = 0; c < C; ++c) {
+    // Per channel: the sums, and dx = A·g + B·(x − shift) + K's coefficients from them.
+    auto coefficients = [&](int64_t c, double s1, double s2) {
+      sum_g[c] = s1;
+      sum_g_xhat[c] = invstd[c] * (s2 - mean_d[c] * s1);
       const double gain = w[c] * invstd[c];
       const double slope = training ? gain * invstd[c] * sum_g_xhat[c] / n : 0.0;
-      A[c] = static_cast<acc_t>(gain);
-      B[c] = static_cast<acc_t>(-slope);
-      K[c] = static_cast<acc_t>(training ? slope * mean_d[c] - gain * sum_g[c] / n : 0.0);
-    }
+      const double k = training ? slope * mean_d[c] - gain * sum_g[c] / n : 0.0;
+      return std::array<acc_t, 3>{static_cast<acc_t>(gain), static_cast<acc_t>(-slope),
+                                  static_cast<acc_t>(k)};
+    };
     AffineArgs<scalar_t> p;
     p.u = xp;
     p.v = dyp;
     p.m = yp;
     p.shift = S.data();
+    p.out = need_input ? grad_input.data_ptr<scalar_t>() : nullptr;
+    p.g = write_g ? grad_residual.data_ptr<scalar_t>() : nullptr;
+    const int64_t values = 3 + (relu ? 1 : 0) + (write_g ? 1 : 0);  // x, dy, [y], dx, [g]
+    if (training && need_input && by_channel(g, values, x.element_size())) {
+      if (!relu) sums_then_affine<scalar_t, true, false, true, true, false, false, false>(g, p, coefficients);
+      else if (!write_g) sums_then_affine<scalar_t, true, true, true, true, false, false, false>(g, p, coefficients);
+      else sums_then_affine<scalar_t, true, true, true, true, false, false, true>(g, p, coefficients);
+      return;
+    }
+    std::vector<double> s1(C, 0.0), s2(C, 0.0);  // left zero where not needed (eval's dx)
+    if (need_weight || need_bias || (training && need_input)) {
+      if (relu) channel_sums<scalar_t, true, true>(g, xp, dyp, yp, S.data(), s1.data(), s2.data());
+      else channel_sums<scalar_t, true, false>(g, xp, dyp, nullptr, S.data(), s1.data(), s2.data());
+    }
+    std::vector<acc_t> A(C), B(C), K(C);
+    for (int64_t c = 0; c < C; ++c) {
+      const auto abk = coefficients(c, s1[c], s2[c]);
+      A[c] = abk[0];
+      B[c] = abk[1];
+      K[c] = abk[2];
+    }
+    if (!need_input) return;
     p.A = A.data();
     p.B = B.data();
     p.K = K.data();
-    p.out = grad_input.data_ptr<scalar_t>();
-    p.g = write_g ? grad_residual.data_ptr<scalar_t>() : nullptr;
     input_gradient(g, p, training, relu, write_g);
   });
   if (need_residual && !write_g) {

@@ -138,7 +138,7 @@ void update_running(at::Tensor& running, const std::vector<double>& batch, doubl
   });
 }
 
-std::string channel_list(const std::vector<bool>& bad) {
+std::string channel_list(const std::vector<char>& bad) {
   std::ostringstream s;
   s << "[";
   int64_t shown = 0;
@@ -182,7 +182,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_i
   }
   const auto acc = acc_dtype(input);
   const auto acc_options = input.options().dtype(acc);
-  std::vector<bool> bad(C, false);
+  std::vector<char> bad(C, false);  // char, not bool: written by several threads
   if (input.numel() == 0) {  // an empty batch: nothing to normalize, statistics untouched
     return {at::empty_like(input), at::zeros({C}, acc_options), at::zeros({C}, acc_options),
             at::ones({C}, acc_options), at::zeros({C}, input.options().dtype(at::kBool))};
@@ -198,43 +198,65 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_i
   const double n = static_cast<double>(x.numel() / C);
   auto w = to_double(weight, C, 1.0), b = to_double(bias, C, 0.0);
   std::vector<double> shift(C), mean_d(C, 0.0), var(C), invstd(C);
-  if (training) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnlab_forward_train", [&] {
-      using acc_t = typename AccType<scalar_t>::type;
-      const scalar_t* xp = x.data_ptr<scalar_t>();
-      std::vector<acc_t> sh(C);  // one sample per channel, x[0, c, 0, ...]
-      for (int64_t c = 0; c < C; ++c) sh[c] = static_cast<acc_t>(g.rows ? xp[c] : xp[c * g.L]);
-      std::vector<double> s1(C), s2(C);
-      channel_sums<scalar_t, false, false>(g, xp, nullptr, nullptr, sh.data(), s1.data(), s2.data());
-      for (int64_t c = 0; c < C; ++c) {
-        shift[c] = static_cast<double>(sh[c]);
-        mean_d[c] = s1[c] / n;
-        var[c] = s2[c] / n - mean_d[c] * mean_d[c];
-        if (var[c] < 0.0) var[c] = 0.0;  // rounding; NaN stays NaN (std::max would hide it)
-        bad[c] = !(std::isfinite(mean_d[c]) && std::isfinite(s2[c]));
-      }
-    });
-  } else {
+  if (!training) {
     shift = to_double(running_mean, C, 0.0);
     var = to_double(running_var, C, 1.0);
   }
-  for (int64_t c = 0; c < C; ++c) invstd[c] = 1.0 / std::sqrt(var[c] + eps);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnlab_normalize", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnlab_forward", [&] {
     using acc_t = typename AccType<scalar_t>::type;
-    std::vector<acc_t> S(C), B(C), K(C);
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    std::vector<acc_t> S(C);  // training: one sample per channel, x[0, c, 0, ...]
     for (int64_t c = 0; c < C; ++c) {
-      S[c] = static_cast<acc_t>(shift[c]);
-      B[c] = static_cast<acc_t>(w[c] * invstd[c]);
-      K[c] = static_cast<acc_t>(b[c] - mean_d[c] * w[c] * invstd[c]);
+      S[c] = training ? static_cast<acc_t>(g.rows ? xp[c] : xp[c * g.L]) : static_cast<acc_t>(shift[c]);
+      shift[c] = static_cast<double>(S[c]);
     }
+    // The batch's statistics of channel c from its sums of d = x - shift and d².
+    auto statistics = [&](int64_t c, double s1, double s2) {
+      mean_d[c] = s1 / n;
+      var[c] = s2 / n - mean_d[c] * mean_d[c];
+      if (var[c] < 0.0) var[c] = 0.0;  // rounding; NaN stays NaN (std::max would hide it)
+      bad[c] = !(std::isfinite(mean_d[c]) && std::isfinite(s2));
+    };
+    // out = B·(x − shift) + K: B = w·invstd, K = b − mean_d·w·invstd.
+    auto coefficients = [&](int64_t c) {
+      invstd[c] = 1.0 / std::sqrt(var[c] + eps);
+      return std::array<acc_t, 3>{acc_t(0), static_cast<acc_t>(w[c] * invstd[c]),
+                                  static_cast<acc_t>(b[c] - mean_d[c] * w[c] * invstd[c])};
+    };
     AffineArgs<scalar_t> p;
-    p.u = x.data_ptr<scalar_t>();
+    p.u = xp;
     p.r = has_residual ? res.data_ptr<scalar_t>() : nullptr;
     p.shift = S.data();
+    p.out = out.data_ptr<scalar_t>();
+    const bool relu = activation == kRelu;
+    if (training && by_channel(g, 2 + (has_residual ? 1 : 0), x.element_size())) {  // x, [r], out
+      auto channel = [&](int64_t c, double s1, double s2) {
+        statistics(c, s1, s2);
+        return coefficients(c);
+      };
+      if (has_residual) {
+        if (relu) sums_then_affine<scalar_t, false, false, false, true, true, true, false>(g, p, channel);
+        else sums_then_affine<scalar_t, false, false, false, true, true, false, false>(g, p, channel);
+      } else {
+        if (relu) sums_then_affine<scalar_t, false, false, false, true, false, true, false>(g, p, channel);
+        else sums_then_affine<scalar_t, false, false, false, true, false, false, false>(g, p, channel);
+      }
+      return;
+    }
+    if (training) {
+      std::vector<double> s1(C), s2(C);
+      channel_sums<scalar_t, false, false>(g, xp, nullptr, nullptr, S.data(), s1.data(), s2.data());
+      for (int64_t c = 0; c < C; ++c) statistics(c, s1[c], s2[c]);
+    }
+    std::vector<acc_t> B(C), K(C);
+    for (int64_t c = 0; c < C; ++c) {
+      const auto abk = coefficients(c);
+      B[c] = abk[1];
+      K[c] = abk[2];
+    }
     p.B = B.data();
     p.K = K.data();
-    p.out = out.data_ptr<scalar_t>();
-    normalize(g, p, has_residual, activation == kRelu);
+    normalize(g, p, has_residual, relu);
   });
   if (training) {
     int64_t bad_count = 0;
