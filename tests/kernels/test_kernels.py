@@ -162,7 +162,7 @@ def test_short_planes_match_reference(shape, dtype, training):
 # written. (4, 8, 128): channel by channel; one value less or one channel less: two passes;
 # (64, 8, 2048) float32: channel by channel except the ReLU backward writing the residual's
 # gradient (5 values per element: 2.5 MiB a channel).
-BY_CHANNEL = [(4, 8, 128), (4, 8, 127), (4, 7, 128), (3, 16, 12, 12), (2, 8, 4, 6, 8), (64, 8, 2048)]
+BY_CHANNEL = [(4, 8, 128), (4, 8, 127), (4, 7, 128), (3, 16, 12, 12), (2, 8, 4, 6, 8), (64, 8, 2048)]  # fmt: skip
 
 
 @pytest.mark.parametrize("shape", BY_CHANNEL)
