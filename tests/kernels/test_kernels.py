@@ -157,12 +157,14 @@ def test_short_planes_match_reference(shape, dtype, training):
     test_operator_matches_reference(shape, "contiguous", dtype, training, False, False, False)
 
 
-# Around the rule for running a planar tensor channel by channel (passes.h: by_channel): planes
-# of 128 values or more, 8 channels or more, at most 2 MiB of one channel's values read and
-# written. (4, 8, 128): channel by channel; one value less or one channel less: two passes;
-# (64, 8, 2048) float32: channel by channel except the ReLU backward writing the residual's
-# gradient (5 values per element: 2.5 MiB a channel).
-BY_CHANNEL = [(4, 8, 128), (4, 8, 127), (4, 7, 128), (3, 16, 12, 12), (2, 8, 4, 6, 8), (64, 8, 2048)]  # fmt: skip
+# Around the rule for running a planar tensor channel by channel (passes.h: by_channel): groups
+# of G = ceil(512 / plane) adjacent channels, at least 8 groups, at most 2 MiB of one group's
+# values read and written. (4, 8, 512): 8 groups of one channel; one channel less: two passes;
+# (4, 512, 8): 8 groups of 64 channels of 8-value planes; (4, 64, 8): one group, two passes;
+# (3, 85, 7, 7): 8 groups of 11 channels, the last of 8; (3, 32, 12, 12) and (2, 24, 4, 6, 8):
+# groups of 4 and 3 channels, 4-D and 5-D; (64, 8, 2048) float32: channel by channel except the
+# ReLU backward writing the residual's gradient (5 values per element: 2.5 MiB a channel).
+BY_CHANNEL = [(4, 8, 512), (4, 7, 512), (4, 512, 8), (4, 64, 8), (3, 85, 7, 7), (3, 32, 12, 12), (2, 24, 4, 6, 8), (64, 8, 2048)]  # fmt: skip
 
 
 @pytest.mark.parametrize("shape", BY_CHANNEL)

@@ -76,23 +76,19 @@ inline acc_t masked(scalar_t v, const scalar_t* m, int64_t i) {
   return value;
 }
 
-// Sums over the planes n0 <= n < n1 of channel c (see channel_sums): kLanes partial sums in
-// the compute type, carried over the planes (short planes pay no per-plane reduction),
-// flushed to double every kBlock elements and at the end.
+// One channel's running sums (see channel_sums): kLanes partial sums in the compute type,
+// carried over its planes (short planes pay no per-plane reduction), flushed to double every
+// kBlock elements and at the end of the channel's last plane.
 template <typename scalar_t, bool TWO, bool MASK>
-inline void plane_sums(const Geometry& g, const scalar_t* u, const scalar_t* v, const scalar_t* m,
-                       typename AccType<scalar_t>::type sh, int64_t c, int64_t n0, int64_t n1,
-                       double& s1, double& s2) {
+struct LaneSums {
   using acc_t = typename AccType<scalar_t>::type;
-  const int64_t L = g.L;
   acc_t a1[kLanes] = {}, a2[kLanes] = {};
   double t1 = 0, t2 = 0;
   int64_t pending = 0;  // elements summed in a1/a2 since the last flush to double
-  for (int64_t n = n0; n < n1; ++n) {
-    const int64_t plane = n * g.C + c;
-    const scalar_t* __restrict__ up = u + plane * L;
-    const scalar_t* __restrict__ vp = TWO ? v + plane * L : up;
-    const scalar_t* __restrict__ mp = MASK ? m + plane * L : up;
+
+  // The L values of one plane of u (v, m); `last`: the channel's last plane.
+  inline void add(const scalar_t* __restrict__ up, const scalar_t* __restrict__ vp,
+                  const scalar_t* __restrict__ mp, acc_t sh, int64_t L, bool last) {
     for (int64_t l0 = 0; l0 < L; l0 += kBlock) {
       const int64_t l1 = std::min(L, l0 + kBlock);
       int64_t l = l0;
@@ -114,7 +110,7 @@ inline void plane_sums(const Geometry& g, const scalar_t* u, const scalar_t* v, 
         a2[j] += e * d;
       }
       pending += l1 - l0;
-      if (pending >= kBlock || (n + 1 == n1 && l1 == L)) {
+      if (pending >= kBlock || (last && l1 == L)) {
         for (int64_t j = 0; j < kLanes; ++j) {
           t1 += a1[j];
           t2 += a2[j];
@@ -125,8 +121,21 @@ inline void plane_sums(const Geometry& g, const scalar_t* u, const scalar_t* v, 
       }
     }
   }
-  s1 = t1;
-  s2 = t2;
+};
+
+// Sums over the planes n0 <= n < n1 of channel c.
+template <typename scalar_t, bool TWO, bool MASK>
+inline void plane_sums(const Geometry& g, const scalar_t* u, const scalar_t* v, const scalar_t* m,
+                       typename AccType<scalar_t>::type sh, int64_t c, int64_t n0, int64_t n1,
+                       double& s1, double& s2) {
+  const int64_t L = g.L;
+  LaneSums<scalar_t, TWO, MASK> sums;
+  for (int64_t n = n0; n < n1; ++n) {
+    const int64_t plane = (n * g.C + c) * L;
+    sums.add(u + plane, TWO ? v + plane : u, MASK ? m + plane : u, sh, L, n + 1 == n1);
+  }
+  s1 = sums.t1;
+  s2 = sums.t2;
 }
 
 // Per-channel sums, d = u - shift:
@@ -315,42 +324,62 @@ void channel_affine(const Geometry& g, const AffineArgs<scalar_t>& p) {
 
 // Planar tensors (NCHW) whose channels fit in a core's cache are run channel by channel:
 // the channel's sums, its coefficients, then the affine map over the same planes while they
-// are still in cache (two whole-tensor passes would read everything from memory twice). The
-// choice depends on sizes only, never on the thread count, so the results do not either; a
-// channel's sums are plane_sums over all its planes, as channel_sums makes them.
+// are still in cache (two whole-tensor passes would read everything from memory twice).
+// Short planes go in groups of adjacent channels, whose planes of one sample are contiguous:
+// a channel's planes alone, C·L values apart, would be a few cache lines each (shared with
+// the neighbouring channels') at strides that crowd a few cache sets (measured: 7x7 and 4x4
+// planes ran up to 2x slower channel by channel than in two passes). The choice depends on
+// sizes only, never on the thread count, so the results do not either; a channel's sums are
+// the same lane sums as channel_sums makes.
 constexpr int64_t kChannelCacheBytes = int64_t(2) << 20;  // one core's L2 on recent x86 servers
-constexpr int64_t kMinChannels = 8;                      // enough channels to share out
-// Shorter planes stay in two passes: a channel's planes, C·L values apart, then cover a few
-// cache lines each (shared with the neighbouring channels') at strides that map many of them
-// to the same cache sets (measured: 7x7 and 4x4 planes ran up to 2x slower channel by channel).
-constexpr int64_t kMinChannelPlane = 128;
+constexpr int64_t kMinGroups = 8;                         // enough work items to share out
+// Values of one sample a group spans (its channels' planes). Measured on 7x7, 4x4, 8x8 and
+// 14x14 planes: 512 beat 128 everywhere and two passes up to 1.5x; 2048 did better only with
+// 1,024 channels or more.
+constexpr int64_t kMinRun = 512;
+
+inline int64_t channels_per_group(const Geometry& g) { return (kMinRun + g.L - 1) / g.L; }
 
 // `values_per_element`: how many tensor values of one element the two passes read and write.
 inline bool by_channel(const Geometry& g, int64_t values_per_element, int64_t value_bytes) {
-  return !g.rows && g.L >= kMinChannelPlane && g.C >= kMinChannels &&
-         g.N * g.L * values_per_element * value_bytes <= kChannelCacheBytes;
+  if (g.rows || small_planes(g)) return false;
+  const int64_t G = channels_per_group(g);
+  return (g.C + G - 1) / G >= kMinGroups &&
+         g.N * G * g.L * values_per_element * value_bytes <= kChannelCacheBytes;
 }
 
-// Per channel c: (s1, s2) = the sums of channel_sums<TWO, MASK> over p.u, p.v, p.m (shift
-// p.shift), {A, B, K} = coefficients(c, s1, s2), then channel_affine's map with them.
+// Per group of adjacent channels: each channel c's (s1, s2) = the sums of
+// channel_sums<TWO, MASK> over p.u, p.v, p.m (shift p.shift), {A, B, K} = coefficients(c, s1,
+// s2), then channel_affine's map over the group's planes with them.
 template <typename scalar_t, bool TWO, bool MASK, bool USE_V, bool USE_U, bool RES, bool RELU,
           bool WRITE_G, typename Coefficients>
 void sums_then_affine(const Geometry& g, const AffineArgs<scalar_t>& p,
                       const Coefficients& coefficients) {
   using acc_t = typename AccType<scalar_t>::type;
-  const int64_t grain = std::max<int64_t>(1, kMinParallelElements / (g.N * g.L));
-  at::parallel_for(0, g.C, grain, [&](int64_t begin, int64_t end) {
+  const int64_t C = g.C, L = g.L, G = channels_per_group(g), groups = (C + G - 1) / G;
+  const int64_t grain = std::max<int64_t>(1, kMinParallelElements / (g.N * G * L));
+  at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
     const auto element = affine_element<scalar_t, USE_V, USE_U, MASK, RES, RELU, WRITE_G>(p);
-    for (int64_t c = begin; c < end; ++c) {
-      const acc_t sh = p.shift[c];
-      double s1, s2;
-      plane_sums<scalar_t, TWO, MASK>(g, p.u, p.v, p.m, sh, c, 0, g.N, s1, s2);
-      const std::array<acc_t, 3> abk = coefficients(c, s1, s2);
-      const acc_t a = abk[0], b = abk[1], k = abk[2];
+    std::vector<LaneSums<scalar_t, TWO, MASK>> sums(G);
+    std::vector<std::array<acc_t, 3>> abk(G);
+    for (int64_t group = begin; group < end; ++group) {
+      const int64_t c0 = group * G, c1 = std::min(C, c0 + G);
+      std::fill(sums.begin(), sums.end(), LaneSums<scalar_t, TWO, MASK>{});
       for (int64_t n = 0; n < g.N; ++n) {
-        const int64_t base = (n * g.C + c) * g.L;
+        for (int64_t c = c0; c < c1; ++c) {
+          const int64_t plane = (n * C + c) * L;
+          sums[c - c0].add(p.u + plane, TWO ? p.v + plane : p.u, MASK ? p.m + plane : p.u,
+                           p.shift[c], L, n + 1 == g.N);
+        }
+      }
+      for (int64_t c = c0; c < c1; ++c) abk[c - c0] = coefficients(c, sums[c - c0].t1, sums[c - c0].t2);
+      for (int64_t n = 0; n < g.N; ++n) {
+        for (int64_t c = c0; c < c1; ++c) {
+          const acc_t a = abk[c - c0][0], b = abk[c - c0][1], k = abk[c - c0][2], sh = p.shift[c];
+          const int64_t base = (n * C + c) * L;
 #pragma omp simd
-        for (int64_t l = 0; l < g.L; ++l) element(base + l, a, b, k, sh);
+          for (int64_t l = 0; l < L; ++l) element(base + l, a, b, k, sh);
+        }
       }
     }
   });
