@@ -123,6 +123,7 @@ MUTANTS: list[Mutant] = [
     Mutant("cpp-by-channel-sums-flushed-after-first-plane", "src/bnlab/kernels/cpu/passes.h", "p.shift[c], L, n + 1 == g.N);", "p.shift[c], L, n == 0);", ("tests/kernels/test_kernels.py",)),
     Mutant("cpp-by-channel-last-plane-unwritten", "src/bnlab/kernels/cpu/passes.h", "      for (int64_t n = 0; n < g.N; ++n) {\n        for (int64_t c = c0; c < c1; ++c) {\n          const acc_t a", "      for (int64_t n = 0; n + 1 < g.N; ++n) {\n        for (int64_t c = c0; c < c1; ++c) {\n          const acc_t a", ("tests/kernels/test_kernels.py",)),
     Mutant("cpp-by-channel-group-misses-a-channel", "src/bnlab/kernels/cpu/passes.h", "c1 = std::min(C, c0 + G);", "c1 = std::min(C, c0 + G - 1);", ("tests/kernels/test_kernels.py",)),
+    Mutant("cpp-chunks-follow-threads", "src/bnlab/kernels/cpu/passes.h", "std::min({kMaxChunks, work, by_size})", "std::min({static_cast<int64_t>(at::get_num_threads()), work, by_size})", ("tests/kernels/test_kernels.py",)),
     Mutant("cpp-inference-dropped-eps", FORWARD_CPP, "out[c] = weight[c] / std::sqrt(var[c] + eps);", "out[c] = weight[c] / std::sqrt(var[c]);", KERNELS),
     Mutant("cpp-inference-ignores-strides", FORWARD_CPP, "c10::CppTypeToScalarType<T>::value && t->stride(0) == 1) {", "c10::CppTypeToScalarType<T>::value) {", ("tests/kernels/test_kernels.py",)),
     Mutant("cpp-module-counts-refused-batch", "src/bnlab/kernels/cpu/ops.cpp", "if (counter && !(bad.has_value() && nonfinite == bnlab::kRaise)) {", "if (counter) {", ("tests/nn/test_batchnorm.py",)),

@@ -175,17 +175,32 @@ def test_channel_by_channel_matches_reference(shape, dtype, relu, residual):
     test_operator_matches_reference(shape, "contiguous", dtype, True, True, relu, residual)
 
 
-def test_results_do_not_depend_on_thread_count():
-    x = torch.randn(16, 8, 33, 31) + 100
+@pytest.mark.parametrize(("shape", "layout"), [((16, 8, 33, 31), "contiguous"), ((32, 7, 28, 28), "contiguous"), ((8, 3, 56, 56), "contiguous"), ((32, 7, 500), "contiguous"), ((32, 64, 28, 28), "channels_last"), ((256, 1024), "contiguous"), ((5, 6, 2, 2), "contiguous")])  # fmt: skip
+def test_results_do_not_depend_on_thread_count(shape, layout):
+    """Training forward and backward bitwise equal on 1, 2 and 3 threads: channel groups, two
+    passes over few channels (a channel's sums split between chunks), rows (channels_last,
+    (N, C)), short planes as rows. (A new user's finding: the chunks followed the thread
+    count, and with them the rounding.)"""
+    g = torch.Generator().manual_seed(3)
+    x = _layout(torch.randn(shape, generator=g) * 3 + 1, layout)
+    dy = _layout(torch.randn(shape, generator=g), layout)
+    c = shape[1]
     before = torch.get_num_threads()
-    outs = []
+    results = []
     try:
-        for threads in (1, 2):
+        for threads in (1, 2, 3):
             torch.set_num_threads(threads)
-            outs.append(torch.ops.bnlab.batch_norm(x, None, None, None, None, None, True, 0.1, 1e-5, 0, 1, False)[0])  # fmt: skip
+            leaves = [x.detach().clone().requires_grad_(), torch.ones(c, requires_grad=True), torch.zeros(c, requires_grad=True)]  # fmt: skip
+            rm, rv = torch.zeros(c), torch.ones(c)
+            out, _ = torch.ops.bnlab.batch_norm(*leaves, None, rm, rv, True, 0.1, 1e-5, 0, 1, False)  # fmt: skip
+            out.backward(dy)
+            results.append([out, *(t.grad for t in leaves), rm, rv])
     finally:
         torch.set_num_threads(before)
-    assert torch.equal(outs[0], outs[1])
+    names = ("out", "dx", "dw", "db", "running_mean", "running_var")
+    for other in results[1:]:
+        for name, a, b in zip(names, results[0], other, strict=True):
+            assert torch.equal(a, b), name
 
 
 @pytest.mark.parametrize("offset", [1e4, 1e6])

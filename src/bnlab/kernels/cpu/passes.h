@@ -7,9 +7,10 @@
 //   rows:   M = N*L contiguous rows of C channels (channels_last, and (N, C) input).
 // Sums use data shifted by one sample per channel, d = u - shift: with a large common
 // offset the subtraction is exact, so sums of d and d^2 never cancel catastrophically.
-// Each pass splits its work into one chunk per thread; partial sums are accumulated in the
-// compute type over short blocks, then in double, and merged in a fixed order, so results
-// do not depend on the thread count's scheduling.
+// The sums pass splits its work into chunks (chunk_count), the threads share them out; partial
+// sums are accumulated in the compute type over short blocks, then in double, and merged in a
+// fixed order. How the work is split depends on sizes only, so results do not depend on the
+// thread count.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -62,10 +63,14 @@ std::vector<T> per_position(const T* per_channel, const Geometry& g) {
   return out;
 }
 
-// One chunk per thread, but no more chunks than work items or than the size justifies.
+// The sums pass's chunks: as many as the size justifies, up to kMaxChunks, never more than
+// work items. Set by the sizes alone, not by the thread count (the threads share out the
+// chunks), so that each chunk's partial sums, and their merge, are the same on any number of
+// threads: results are bitwise equal on 1, 2 or 16 threads.
+constexpr int64_t kMaxChunks = 16;
 inline int64_t chunk_count(int64_t work, int64_t elements) {
-  const int64_t by_size = std::max<int64_t>(1, elements / kMinParallelElements);
-  return std::max<int64_t>(1, std::min({static_cast<int64_t>(at::get_num_threads()), work, by_size}));
+  const int64_t by_size = elements / kMinParallelElements;
+  return std::max<int64_t>(1, std::min({kMaxChunks, work, by_size}));
 }
 
 // v, kept where the ReLU output m is positive when MASK (the ReLU's backward).
