@@ -148,3 +148,20 @@ def test_native_path_for_devices_without_kernels(monkeypatch):
     assert "NativeBatchNorm" in out.grad_fn.name()
     with pytest.raises(ValueError, match="weight"):
         functional.batch_norm(x, None, None, torch.ones(4), training=True)
+
+
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+@pytest.mark.parametrize("where", ["first", "later"])
+def test_propagate_matches_torch_with_nonfinite_values(path, layout, value, where):
+    """nonfinite='propagate' leaves what torch leaves, also when the non-finite value is the
+    sample the statistics are shifted by (x[0, c, 0, 0]; a new user's finding: inf there gave
+    a NaN running mean where torch's is inf)."""
+    ours, theirs = bnn.BatchNorm2d(3, nonfinite="propagate"), nn.BatchNorm2d(3)
+    x, _ = _data((4, 3, 5, 5), torch.float32, layout)
+    x = x.clone()
+    x[(0, 1, 0, 0) if where == "first" else (2, 1, 3, 1)] = value
+    got, want = ours(x), theirs(x)
+    for a, b in ((got, want), (ours.running_mean, theirs.running_mean), (ours.running_var, theirs.running_var)):  # fmt: skip
+        torch.testing.assert_close(a, b, equal_nan=True, rtol=2e-5, atol=2e-5)

@@ -44,15 +44,19 @@ def per_channel(t: Tensor, input: Tensor) -> Tensor:
 
 
 def shift_of(xa: Tensor) -> Tensor:
-    """One sample per channel, ``x[0, c, 0, ...]``: the shift that makes the sums exact."""
-    return xa[(0, slice(None)) + (0,) * (xa.dim() - 2)].clone()
+    """One sample per channel, ``x[0, c, 0, ...]``: the shift that makes the sums exact; 0
+    where that sample is not finite (an inf shift would make the sums NaN, torch's mean inf)."""
+    sample = xa[(0, slice(None)) + (0,) * (xa.dim() - 2)]
+    return torch.where(torch.isfinite(sample), sample, torch.zeros_like(sample))
 
 
 def batch_stats(xa: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Per-channel ``(shift, mean − shift, biased variance)`` of ``xa``, free of cancellation."""
     shift = shift_of(xa)
-    var, mean_d = torch.var_mean(xa - per_channel(shift, xa), reduce_dims(xa), correction=0)
-    return shift, mean_d, var
+    d, dims = xa - per_channel(shift, xa), reduce_dims(xa)
+    # mean and variance apart: torch.var_mean's mean is NaN where a channel holds an inf (its
+    # running update), torch's BN mean is inf, as d.mean() gives
+    return shift, d.mean(dims), d.var(dims, correction=0)
 
 
 def grad_input_from_means(dy: Tensor, x_hat: Tensor, mean_dy: Tensor, mean_dy_xhat: Tensor, gain: Tensor) -> Tensor:  # fmt: skip

@@ -161,6 +161,21 @@ def test_nonfinite_propagate_writes_like_torch(device):
     assert out[:, 2].isnan().all() and out[:, [0, 1, 3, 4]].isfinite().all()
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_inf_at_the_shift_sample_gives_torchs_running_mean(device, layout):
+    """+inf at x[0, c, 0, 0], the sample the sums are shifted by: the running mean becomes inf
+    as torch's (not inf - inf = NaN), the variance NaN as torch's."""
+    x, *_ = _inputs((4, 3, 5, 5), layout, torch.float32, "plain", False, device, seed=4)
+    x[0, 1, 0, 0] = float("inf")
+    rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
+    ops.forward(x, None, None, None, rm, rv, True, 0.1, 1e-5, 0, 0, True)
+    theirs = torch.nn.BatchNorm2d(3).to(device)
+    theirs(x.cpu().to(device))
+    torch.testing.assert_close(rm, theirs.running_mean, equal_nan=True)
+    torch.testing.assert_close(rv, theirs.running_var, equal_nan=True)
+    assert rm[1].item() == float("inf")
+
+
 def test_nonfinite_skip_keeps_bad_channels_and_warns(device):
     x = _with_nan(device)
     rm, rv = torch.zeros(5, device=device), torch.ones(5, device=device)

@@ -205,9 +205,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_i
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnlab_forward", [&] {
     using acc_t = typename AccType<scalar_t>::type;
     const scalar_t* xp = x.data_ptr<scalar_t>();
-    std::vector<acc_t> S(C);  // training: one sample per channel, x[0, c, 0, ...]
+    // Training: one sample per channel, x[0, c, 0, ...], or 0 where that sample is not finite
+    // (an inf shift would turn the channel's sums into inf − inf = NaN; torch's mean is inf).
+    std::vector<acc_t> S(C);
     for (int64_t c = 0; c < C; ++c) {
-      S[c] = training ? static_cast<acc_t>(g.rows ? xp[c] : xp[c * g.L]) : static_cast<acc_t>(shift[c]);
+      const acc_t sample = static_cast<acc_t>(g.rows ? xp[c] : xp[c * g.L]);
+      S[c] = !training ? static_cast<acc_t>(shift[c]) : std::isfinite(sample) ? sample : acc_t(0);
       shift[c] = static_cast<double>(S[c]);
     }
     // The batch's statistics of channel c from its sums of d = x - shift and d².

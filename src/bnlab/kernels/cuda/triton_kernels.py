@@ -89,6 +89,7 @@ def sums_kernel(
         else:
             first = c * S
         shift = tl.load(x_ptr + first, mask=cmask, other=0).to(ACC)
+        shift = tl.where(tl.abs(shift) < float("inf"), shift, 0)  # 0 where inf or NaN (see CPU)
     acc1 = tl.zeros([BLOCK_R, BLOCK_W], dtype=ACC)
     acc2 = tl.zeros([BLOCK_R, BLOCK_W], dtype=ACC)
     for i in range(0, tiles_per_chunk):
