@@ -5,7 +5,9 @@ vs fused convert, 3 SGD steps, float64 and float32) dies in cases 58-62 of its 2
 glibc's "corrupted size vs. prev_size" / "corrupted double-linked list" or a segfault, in
 about one run of three with MALLOC_PERTURB_=165, rarely without. Found 2026-11-26:
   - also at the commit before that session's kernel changes (a0eb654);
-  - also with BNLAB_KERNELS=0 (no C++ kernels: bnlab's Python/composite path);
+  - also with BNLAB_KERNELS=0 (2 of 6 runs; bnlab's extension is then not loaded at all:
+    torch.ops.bnlab is absent, so the corrupting write is in torch's operators as bnlab's
+    Python/composite path calls them);
   - not with the bnlab arms replaced by copies of the torch model (6 of 6 runs clean);
   - not with only the plain or only the fused bnlab arm (6 + 6 runs clean, so not excluded);
   - an AddressSanitizer build of the C++ kernels (LD_PRELOAD=libasan) saw nothing in 3 runs.
