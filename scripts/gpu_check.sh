@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: the CUDA parity suite (compiled Triton, no interpreter), the
-# precision at large offsets, the bench table and, if present, tests/models.
-# Results go to $OUT (default ./gpu_out): env.txt, parity.txt, precision.txt, bench.md,
+# precision at large offsets, a kernel profile, the bench table and, if present, tests/models.
+# Results go to $OUT (default ./gpu_out): env.txt, operator.txt, profile.txt, parity.txt, bench.md,
 # bench.json, models.txt, summary.txt. No network, no pip: PYTHONPATH=src.
 #   usage: OUT=/some/dir scripts/gpu_check.sh
 set -u
@@ -22,6 +22,10 @@ note "env: $(tail -1 "$OUT/env.txt")"
 timeout "${OPERATOR_S:-110}" $PY scripts/gpu_operator_check.py > "$OUT/operator.txt" 2>&1
 note "operator: rc=$? $(tail -1 "$OUT/operator.txt") ($(( $(date +%s) - START )) s)"
 grep -E "^(PASS|FAIL)" "$OUT/operator.txt" >> "$OUT/summary.txt"
+
+# Kernel time against host time, per call (torch.profiler).
+timeout "${PROFILE_S:-60}" $PY scripts/gpu_profile.py > "$OUT/profile.txt" 2>&1
+note "profile: rc=$? ($(( $(date +%s) - START )) s)"
 
 # 2. The CPU operator tests on this machine's torch (a version check).
 timeout "${CORE_S:-60}" $PY -m pytest -q -p no:cacheprovider -x tests/test_operator.py \
