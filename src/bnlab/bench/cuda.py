@@ -80,10 +80,11 @@ def bnlab_batch_norm() -> tuple[Callable, str]:
     """The entry users get: ``bnlab.functional.batch_norm`` if it runs the Triton kernels on
     CUDA (the ``bnlab::`` operators with the kernels at the CUDA key), else the kernels' own
     autograd wrapper (named in the table)."""
-    from bnlab import functional
+    from bnlab import functional, kernels
     from bnlab.kernels import cuda
     from bnlab.kernels.cuda.autograd import batch_norm
 
+    kernels.load()  # the C++ extension defines the operators the CUDA kernels register at
     if cuda.register() and _runs_triton(functional.batch_norm):
         return functional.batch_norm, "bnlab.functional.batch_norm (bnlab:: ops, Triton at the CUDA key)"  # fmt: skip
     return batch_norm, "bnlab.kernels.cuda.autograd.batch_norm (functional does not reach the Triton kernels yet)"  # fmt: skip

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from bnlab.kernels.cuda import report
 from bnlab.kernels.cuda.launch import launch
-from bnlab.kernels.cuda.plan import Plan, geometry, make_plan, to_layout
+from bnlab.kernels.cuda.plan import Pass, Plan, geometry, make_plan, to_layout
 from bnlab.kernels.cuda.triton_kernels import (
     backward_apply_kernel,
     forward_apply_kernel,
@@ -56,16 +56,22 @@ def _counter(device: torch.device, size: int) -> Tensor:
     return buf
 
 
+def _grid(plan: Plan, p: Pass) -> dict:
+    """The tile arguments of a pass (rows layout: a tile is [block_r rows, block_c channels])."""
+    return dict(M=plan.M, C=plan.C, S=plan.S, sblocks=plan.sblocks, tiles_per_chunk=p.tiles_per_chunk,
+                ROWS=plan.rows, WIDE=plan.wide, BLOCK_R=p.block_r,
+                BLOCK_W=p.block_c if plan.rows else plan.block_w, BLOCK_C=p.block_c)  # fmt: skip
+
+
 def _sums(plan: Plan, x, g, y, shift, mean_d, invstd, out1, out2, part, eps, backward, relu):
     eps_hi, eps_lo = _split(eps)
     launch(
-        sums_kernel, (plan.chunks, plan.cblocks), plan.warps,
+        sums_kernel, (plan.sums.chunks, plan.sums.cblocks), plan.sums.warps,
         x_ptr=x, g_ptr=g if g is not None else x, y_ptr=y if y is not None else x,
         shift_ptr=shift, mean_d_ptr=mean_d, invstd_ptr=invstd, out1_ptr=out1, out2_ptr=out2,
-        part_ptr=part, counter_ptr=_counter(x.device, plan.cblocks),
-        M=plan.M, C=plan.C, S=plan.S, sblocks=plan.sblocks, tiles_per_chunk=plan.tiles_per_chunk,
-        num_chunks=plan.chunks, eps_hi=eps_hi, eps_lo=eps_lo, BACKWARD=backward, RELU=relu, ROWS=plan.rows, WIDE=plan.wide, ACC=_acc(x.dtype),
-        BLOCK_R=plan.block_r, BLOCK_W=plan.block_w, BLOCK_C=plan.block_c, FIN_K=plan.fin_k,
+        part_ptr=part, counter_ptr=_counter(x.device, plan.sums.cblocks), **_grid(plan, plan.sums),
+        num_chunks=plan.sums.chunks, eps_hi=eps_hi, eps_lo=eps_lo, BACKWARD=backward, RELU=relu,
+        ACC=_acc(x.dtype), FIN_K=plan.fin_k,
     )  # fmt: skip
 
 
@@ -75,34 +81,30 @@ def _forward_apply(plan: Plan, x, res, out, shift, mean_d, invstd, weight, bias,
     eps_hi, eps_lo = _split(eps)
     dummy = shift
     launch(
-        forward_apply_kernel, (plan.apply_chunks, plan.cblocks), plan.warps,
+        forward_apply_kernel, (plan.apply.chunks, plan.apply.cblocks), plan.apply.warps,
         x_ptr=x, res_ptr=res if res is not None else x, out_ptr=out, shift_ptr=shift,
         mean_d_ptr=mean_d, invstd_ptr=invstd, w_ptr=weight if weight is not None else dummy,
         b_ptr=bias if bias is not None else dummy,
         rm_ptr=running_mean if running_mean is not None else dummy,
         rv_ptr=running_var if running_var is not None else dummy, var_ptr=var, bad_ptr=bad8,
-        M=plan.M, C=plan.C, S=plan.S, sblocks=plan.sblocks, tiles_per_chunk=plan.apply_tiles_per_chunk,
-        mom_hi=mom_hi, mom_lo=mom_lo, eps_hi=eps_hi, eps_lo=eps_lo, TRAINING=training, HAS_W=weight is not None, HAS_B=bias is not None,
+        **_grid(plan, plan.apply), mom_hi=mom_hi, mom_lo=mom_lo, eps_hi=eps_hi, eps_lo=eps_lo, TRAINING=training, HAS_W=weight is not None, HAS_B=bias is not None,
         HAS_RES=res is not None, RELU=activation == 1, POLICY=int(nonfinite),
         HAS_RM=running_mean is not None, HAS_RV=running_var is not None,
-        UPDATE=update and training and (running_mean is not None or running_var is not None), ROWS=plan.rows,
-        WIDE=plan.wide, ACC=_acc(x.dtype), BLOCK_R=plan.block_r, BLOCK_W=plan.block_w, BLOCK_C=plan.block_c,
-        UPD_BLOCK=plan.upd_block,
+        UPDATE=update and training and (running_mean is not None or running_var is not None),
+        ACC=_acc(x.dtype), UPD_BLOCK=plan.upd_block,
     )  # fmt: skip
 
 
 def _backward_apply(plan: Plan, g, x, y, dx, dres, shift, mean_d, invstd, weight, sum_g, sum_gx, training, relu):  # fmt: skip
     """dx and/or grad_residual (None: not wanted) from the per-channel sums."""
     launch(
-        backward_apply_kernel, (plan.apply_chunks, plan.cblocks), plan.warps,
+        backward_apply_kernel, (plan.apply.chunks, plan.apply.cblocks), plan.apply.warps,
         g_ptr=g, x_ptr=x, y_ptr=y if y is not None else x, dx_ptr=dx if dx is not None else x,
         dres_ptr=dres if dres is not None else x, shift_ptr=shift, mean_d_ptr=mean_d,
         invstd_ptr=invstd, w_ptr=weight if weight is not None else invstd,
         sum_g_ptr=sum_g if sum_g is not None else invstd, sum_gx_ptr=sum_gx if sum_gx is not None else invstd,
-        M=plan.M, C=plan.C, S=plan.S, sblocks=plan.sblocks,
-        tiles_per_chunk=plan.apply_tiles_per_chunk, TRAINING=training, HAS_W=weight is not None, RELU=relu, WANT_DX=dx is not None,
-        WANT_DRES=dres is not None, ROWS=plan.rows, WIDE=plan.wide, ACC=_acc(x.dtype),
-        BLOCK_R=plan.block_r, BLOCK_W=plan.block_w, BLOCK_C=plan.block_c,
+        **_grid(plan, plan.apply), TRAINING=training, HAS_W=weight is not None, RELU=relu,
+        WANT_DX=dx is not None, WANT_DRES=dres is not None, ACC=_acc(x.dtype),
     )  # fmt: skip
 
 
@@ -133,8 +135,8 @@ def forward(
     plan = make_plan(geo, x)
     var = bad8  # (eval: unused)
     if training:  # one workspace: the chunks' partial sums, then the unbiased variance
-        work = torch.empty((2 * plan.chunks + 1) * C, dtype=acc, device=dev)
-        part, var = work[: 2 * plan.chunks * C], work[2 * plan.chunks * C :]
+        work = torch.empty((2 * plan.sums.chunks + 1) * C, dtype=acc, device=dev)
+        part, var = work[: 2 * plan.sums.chunks * C], work[2 * plan.sums.chunks * C :]
         _sums(plan, x, None, None, shift, mean_d, invstd, var, bad8, part, eps, False, False)
     _forward_apply(plan, x, res, out, shift, mean_d, invstd, weight, bias, running_mean, running_var,
                    var, bad8, training, momentum, eps, activation, nonfinite)  # fmt: skip
@@ -170,7 +172,7 @@ def backward(
     if x.numel() > 0:
         plan = make_plan(geo, x)
         if need_sums:
-            part = torch.empty(2 * plan.chunks * C, dtype=acc, device=dev)
+            part = torch.empty(2 * plan.sums.chunks * C, dtype=acc, device=dev)
             _sums(plan, x, g, y, shift, mean_d, invstd, sum_g, sum_gx, part, 1.0, True, relu)
         if want_dx or want_dres:
             _backward_apply(plan, g, x, y, dx if want_dx else None, dres if want_dres else None,
@@ -199,7 +201,7 @@ def moments(input: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:
         return shift, mean_d, var, 0
     bad8 = torch.empty(C, dtype=torch.uint8, device=dev)
     plan = make_plan(geo, x)
-    part = torch.empty(2 * plan.chunks * C, dtype=acc, device=dev)
+    part = torch.empty(2 * plan.sums.chunks * C, dtype=acc, device=dev)
     _sums(plan, x, None, None, shift, mean_d, invstd, var, bad8, part, 1.0, False, False)
     m2 = var * (count - 1) if count > 1 else torch.zeros_like(var)  # var: the unbiased one
     return shift, mean_d, m2, count
@@ -222,7 +224,7 @@ def grad_sums(grad_out: Tensor, input: Tensor, shift: Tensor, mean_d: Tensor, in
     sum_g, sum_gx = torch.zeros(C, dtype=acc, device=dev), torch.zeros(C, dtype=acc, device=dev)
     if x.numel():
         plan = make_plan(geo, x)
-        part = torch.empty(2 * plan.chunks * C, dtype=acc, device=dev)
+        part = torch.empty(2 * plan.sums.chunks * C, dtype=acc, device=dev)
         _sums(plan, x, to_layout(grad_out, x), None, shift, mean_d, invstd, sum_g, sum_gx, part, 1.0, True, False)  # fmt: skip
     return sum_g, sum_gx
 

@@ -32,22 +32,29 @@ class Geometry:
 
 
 @dataclass(frozen=True)
+class Pass:
+    """One kernel's tiles and grid: (chunks, cblocks) CTAs, each ``tiles_per_chunk`` tiles of
+    [block_r rows or planes, block_w positions or block_c channels]."""
+
+    block_r: int
+    block_c: int  # channels per tile (rows layout; 1 for planes)
+    cblocks: int
+    tiles_per_chunk: int
+    chunks: int
+    warps: int
+
+
+@dataclass(frozen=True)
 class Plan:
     rows: bool
     M: int
     C: int
     S: int
     wide: bool  # offsets need int64
-    block_r: int  # rows (ROWS) or planes per tile
-    block_w: int  # channels (ROWS, = block_c) or plane positions per tile
-    block_c: int
+    block_w: int  # channels (rows: = block_c of each pass) or plane positions per tile
     sblocks: int  # tiles across one plane (planes layout; 1 for rows)
-    cblocks: int
-    tiles_per_chunk: int  # statistics / backward sums kernel
-    chunks: int
-    apply_tiles_per_chunk: int  # elementwise kernels
-    apply_chunks: int
-    warps: int
+    sums: Pass  # statistics / backward sums kernel
+    apply: Pass  # elementwise kernels
     fin_k: int = FIN_K
     upd_block: int = UPD_BLOCK
 
@@ -103,44 +110,58 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+#: Tile bytes and CTAs per SM of each pass (the statistics/sums kernel, the elementwise ones).
+SUMS_TILE_BYTES, SUMS_CTAS_PER_SM = 16384, 4
+APPLY_TILE_BYTES, APPLY_CTAS_PER_SM = 16384, 8
+
+
 def make_plan(geo: Geometry, x: Tensor) -> Plan:
     """Tile sizes and grid for ``x`` (cached per geometry, dtype and device)."""
     return _make_plan(geo, x.device, x.element_size(), x.numel())
 
 
 @functools.lru_cache(maxsize=256)
-def _make_plan(geo: Geometry, device: torch.device, element_size: int, numel: int) -> Plan:
-    """Tile sizes and grid: ~4 CTAs per SM for the reductions, ~8 for the elementwise pass."""
+def _make_plan(geo: Geometry, device: torch.device, element_size: int, numel: int, *,
+               sums: tuple[int, int, int, int] | None = None,
+               apply: tuple[int, int, int, int] | None = None) -> Plan:  # fmt: skip
+    """Tile sizes and grid; ``sums``/``apply`` = (tile bytes, CTAs per SM, channels per tile
+    (rows layout; 0: by C), warps (0: by tile size)) override the defaults (the GPU sweep)."""
     small = device.type != "cuda"  # interpreter: tiny tiles, many of them
-    if geo.rows:
-        block_c = min(_pow2(geo.C), 8 if small else (64 if geo.C <= 64 else 128))
-        block_r = max(1, (64 if small else 4096 * 4 // element_size) // block_c)
-        block_r = min(block_r, _pow2(geo.M))
-        block_w, sblocks = block_c, 1
-        tiles = math.ceil(geo.M / block_r)
-    else:
-        block_c = 1
-        block_w = 8 if small else _plane_block(geo.S)
-        block_r = min(max(1, (32 if small else 4096 * 4 // element_size) // block_w), _pow2(geo.M // geo.S))  # fmt: skip
-        sblocks = math.ceil(geo.S / block_w)
-        tiles = math.ceil(geo.M // geo.S / block_r) * sblocks
-    cblocks = math.ceil(geo.C / block_c)
+    block_w = (8 if small else _plane_block(geo.S)) if not geo.rows else 0
+    sblocks = 1 if geo.rows else math.ceil(geo.S / block_w)
     sms = 0 if small else _sm_count(device)
 
-    def split(ctas_per_sm: int) -> tuple[int, int]:
+    def make_pass(tile_bytes: int, ctas_per_sm: int, block_c: int, warps: int) -> Pass:
+        if geo.rows:
+            if not block_c:
+                block_c = 8 if small else (64 if geo.C <= 64 else 128)
+            block_c = min(_pow2(geo.C), block_c)
+            block_r = max(1, (64 if small else tile_bytes // element_size) // block_c)
+            block_r = min(block_r, _pow2(geo.M))
+            tiles = math.ceil(geo.M / block_r)
+            width = block_c
+        else:
+            block_c = 1
+            block_r = max(1, (32 if small else tile_bytes // element_size) // block_w)
+            block_r = min(block_r, _pow2(geo.M // geo.S))
+            tiles = math.ceil(geo.M // geo.S / block_r) * sblocks
+            width = block_w
+        cblocks = math.ceil(geo.C / block_c)
         if small:  # the interpreter: 2-3 chunks, so tests exercise the multi-CTA finalize
-            chunks = min(tiles, 3 if ctas_per_sm == 4 else 2)
+            chunks = min(tiles, 3 if ctas_per_sm == SUMS_CTAS_PER_SM else 2)
         else:
             chunks = max(1, min(tiles, (ctas_per_sm * sms) // cblocks))
         per = math.ceil(tiles / chunks)
-        return per, math.ceil(tiles / per)
+        if not warps:
+            warps = 4 if small or block_r * width <= 2048 else 8
+        return Pass(block_r, block_c, cblocks, per, math.ceil(tiles / per), warps)
 
-    per, chunks = split(4)
-    apply_per, apply_chunks = split(8)
-    wide = numel >= WIDE_ELEMENTS
-    warps = 4 if small or block_r * block_w <= 2048 else 8
-    return Plan(geo.rows, geo.M, geo.C, geo.S, wide, block_r, block_w, block_c, sblocks, cblocks,
-                per, chunks, apply_per, apply_chunks, warps)  # fmt: skip
+    sums_pass = make_pass(*(sums or (SUMS_TILE_BYTES, SUMS_CTAS_PER_SM, 0, 0)))
+    apply_pass = make_pass(*(apply or (APPLY_TILE_BYTES, APPLY_CTAS_PER_SM, 0, 0)))
+    if geo.rows:
+        block_w = sums_pass.block_c  # (unused by the rows layout's kernels)
+    return Plan(geo.rows, geo.M, geo.C, geo.S, numel >= WIDE_ELEMENTS, block_w, sblocks,
+                sums_pass, apply_pass)  # fmt: skip
 
 
 def _plane_block(S: int) -> int:
