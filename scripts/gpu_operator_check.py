@@ -42,6 +42,27 @@ def err(a, b):
     return float((a.double() - b.double()).abs().max() / max(1.0, float(b.double().abs().max())))
 
 
+FRESH = """
+import torch
+from bnlab import functional
+from bnlab.kernels.cuda import ops
+x = torch.randn(8, 4, 5, 5, device="cuda", requires_grad=True)
+functional.batch_norm(x, None, None, training=True).sum().backward()
+print(ops.CALLS["forward"], ops.CALLS["backward"])
+"""
+
+
+@check("a fresh process's first functional call on CUDA runs the Triton kernels")
+def _fresh_process():
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", FRESH], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    forward, backward = (int(v) for v in done.stdout.split()[-2:])
+    assert forward == 1 and backward == 1, f"Triton calls: forward {forward}, backward {backward}"
+    return f"forward {forward}, backward {backward} Triton calls"
+
+
 @check("kernels registered for cuda")
 def _registered():
     assert kernels.load() is not None

@@ -150,6 +150,30 @@ def test_native_path_for_devices_without_kernels(monkeypatch):
         functional.batch_norm(x, None, None, torch.ones(4), training=True)
 
 
+def test_a_first_cuda_input_loads_the_kernels(monkeypatch):
+    """A process whose first bnlab call is ``functional.batch_norm`` on a CUDA tensor loads the
+    extension (which registers the CUDA kernels) instead of taking torch's kernel for good (a
+    GPU run's finding: only modules and CPU calls loaded it). Simulated without a GPU: a
+    CUDA-typed input stand-in and a load() that registers the "cuda" device."""
+    from types import SimpleNamespace
+
+    loads = []
+
+    def load():
+        loads.append(1)
+        kernels.DEVICES.add("cuda")
+
+    monkeypatch.setattr(kernels, "DEVICES", {"cpu"})
+    monkeypatch.setattr(kernels, "_state", {"module": None, "error": None, "load_seconds": None})
+    monkeypatch.setattr(kernels, "load", load)
+    cuda_input = SimpleNamespace(device=torch.device("cuda"), dtype=torch.float32)
+    assert kernels.supports(cuda_input) and loads == [1]
+    assert kernels.supports(cuda_input) and loads == [1]  # once
+    monkeypatch.setattr(kernels, "DEVICES", {"cpu"})
+    monkeypatch.setattr(kernels, "_state", {"module": None, "error": OSError("no compiler")})
+    assert not kernels.supports(cuda_input) and loads == [1]  # a failed build is not retried
+
+
 @pytest.mark.parametrize("path", PATHS, indirect=True)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])

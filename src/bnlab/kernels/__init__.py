@@ -143,8 +143,14 @@ def load_seconds() -> float | None:
 
 
 def supports(input: torch.Tensor) -> bool:
-    """Whether bnlab has kernels for this input (device and dtype; any layout)."""
-    return input.device.type in DEVICES and input.dtype in _DTYPES
+    """Whether bnlab has kernels for this input (device and dtype; any layout). A CUDA input
+    loads the extension first if nothing has yet (loading registers the CUDA kernels): a
+    process that calls ``bnlab.functional`` on CUDA tensors alone gets them too."""
+    device = input.device.type
+    if device == "cuda" and device not in DEVICES and _ENABLED and _state["error"] is None:
+        if _state["module"] is None:
+            load()
+    return device in DEVICES and input.dtype in _DTYPES
 
 
 def ready() -> bool:
