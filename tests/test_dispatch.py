@@ -189,3 +189,61 @@ def test_propagate_matches_torch_with_nonfinite_values(path, layout, value, wher
     got, want = ours(x), theirs(x)
     for a, b in ((got, want), (ours.running_mean, theirs.running_mean), (ours.running_var, theirs.running_var)):  # fmt: skip
         torch.testing.assert_close(a, b, equal_nan=True, rtol=2e-5, atol=2e-5)
+
+
+def _stride_inputs():
+    """Inputs whose layouts torch's batch norm treats in its own ways (size-1 dimensions,
+    ambiguous formats, non-dense strides)."""
+    g = torch.Generator().manual_seed(3)
+
+    def r(*shape):
+        return torch.randn(shape, generator=g)
+
+    def strided(shape, strides):
+        return torch.empty_strided(shape, strides).copy_(r(*shape))
+
+    cl, cl3 = torch.channels_last, torch.channels_last_3d
+    return {
+        "1 channel, channels_last strides": strided((3, 1, 28, 28), (784, 1, 28, 1)),
+        "1x1 planes, channels_last": r(4, 8, 1, 1).contiguous(memory_format=cl),
+        "1x1 planes, strides (C, 1, C, C)": strided((4, 8, 1, 1), (8, 1, 8, 8)),
+        "batch of 1, channels_last": r(1, 8, 5, 5).contiguous(memory_format=cl),
+        "channels_last": r(2, 8, 5, 5).contiguous(memory_format=cl),
+        "sliced channels_last": r(2, 8, 5, 10).contiguous(memory_format=cl)[..., ::2],
+        "permuted": r(2, 5, 5, 8).permute(0, 3, 1, 2),
+        "width 1, channels_last": r(2, 8, 5, 1).contiguous(memory_format=cl),
+        "3-d, 1 channel, channels_last_3d": r(2, 1, 3, 4, 5).contiguous(memory_format=cl3),
+        "3-d channels_last_3d": r(2, 3, 3, 4, 5).contiguous(memory_format=cl3),
+        "(N, C, L) transposed": r(2, 7, 8).transpose(1, 2),
+        "(N, 1, L)": r(4, 1, 6),
+    }
+
+
+STRIDE_INPUTS = _stride_inputs()
+
+
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+@pytest.mark.parametrize("name", list(STRIDE_INPUTS))
+@pytest.mark.parametrize("training", [True, False])
+def test_results_have_torchs_strides(path, name, training):
+    """Output and input gradient with the strides torch's batch norm gives them, not the
+    input's (a user's model-parity run: a 1-channel channels_last BN output with strides
+    (784, 1, 28, 1), equal in memory to torch's (784, 784, 28, 1), made torch's next 1x1
+    stride-2 convolution corrupt the heap; torch's own layers never hand it such strides)."""
+    x0 = STRIDE_INPUTS[name]
+    C = x0.shape[1]
+    rm, rv = torch.zeros(C), torch.ones(C)
+    x = x0.detach().requires_grad_()
+    xt = x0.detach().requires_grad_()
+    want = torch.nn.functional.batch_norm(xt, rm.clone(), rv.clone(), training=training)
+    (want_grad,) = torch.autograd.grad(want, xt, torch.ones_like(want))
+    for kwargs in ({}, {"activation": "relu"}, {"residual": torch.zeros_like(x0), "activation": "relu"}):  # fmt: skip
+        got = functional.batch_norm(x, rm.clone(), rv.clone(), training=training, **kwargs)
+        (got_grad,) = torch.autograd.grad(got, x, torch.ones_like(got))
+        assert got.stride() == want.stride(), (kwargs, got.stride(), want.stride())
+        assert got_grad.stride() == want_grad.stride(), (kwargs, got_grad.stride(), want_grad.stride())  # fmt: skip
+    if x0.dim() == 4:
+        module = bnn.BatchNorm2d(C).train(training)
+        got = module(x)
+        (got_grad,) = torch.autograd.grad(got, x, torch.ones_like(got))
+        assert (got.stride(), got_grad.stride()) == (want.stride(), want_grad.stride())

@@ -1,16 +1,14 @@
-"""Repro of an open heap-corruption bug (see the README's "Known problem").
+"""Repro of a heap corruption a new user's model-parity run hit (README: "Results carry
+torch's strides"; found 2026-11-26, cause found and fixed the session after).
 
-A new user's model-parity harness (common.py, test_models.py: torch BN vs bnlab convert()
-vs fused convert, 3 SGD steps, float64 and float32) dies in cases 58-62 of its 2-D grid with
-glibc's "corrupted size vs. prev_size" / "corrupted double-linked list" or a segfault, in
-about one run of three with MALLOC_PERTURB_=165, rarely without. Found 2026-11-26:
-  - also at the commit before that session's kernel changes (a0eb654);
-  - also with BNLAB_KERNELS=0 (2 of 6 runs; bnlab's extension is then not loaded at all:
-    torch.ops.bnlab is absent, so the corrupting write is in torch's operators as bnlab's
-    Python/composite path calls them);
-  - not with the bnlab arms replaced by copies of the torch model (6 of 6 runs clean);
-  - not with only the plain or only the fused bnlab arm (6 + 6 runs clean, so not excluded);
-  - an AddressSanitizer build of the C++ kernels (LD_PRELOAD=libasan) saw nothing in 3 runs.
+The user's harness (common.py, test_models.py: torch BN vs bnlab convert() vs fused convert,
+3 SGD steps, float64 and float32) died in cases 58-62 of its 2-D grid with glibc's
+"corrupted size vs. prev_size" / "corrupted double-linked list" or a segfault: 7 runs of 12
+with MALLOC_PERTURB_=165. Case 60 (3 x 1 x 28 x 28, channels_last, float32) alone: bnlab's
+BN outputs had the input's strides (784, 1, 28, 1) where torch's have (784, 784, 28, 1) (the
+same memory); the next 1x1 stride-2 convolution's weight gradient (oneDNN, NHWC source with
+1 < 16 input channels) then wrote past its workspace: min_conv.py shows it with torch alone.
+Since bnlab's results carry torch's strides: 0 crashes in 8 runs.
 
     for i in 1 2 3 4 5 6; do MALLOC_PERTURB_=165 PYTHONPATH=src:scripts/repro_heap \\
         python scripts/repro_heap/run_cases.py 58 62 2>&1 | grep -E "corrupt|^done|Fatal"; done

@@ -111,9 +111,7 @@ def test_operator_matches_reference(shape, layout, dtype, training, affine, relu
         assert (value.double() - expected).abs().max().item() / scale <= tol, name
     torch.testing.assert_close(run_mean.double(), torch.as_tensor(truth[5]), rtol=tol * 10, atol=tol * 10)  # fmt: skip
     torch.testing.assert_close(run_var.double(), torch.as_tensor(truth[6]), rtol=tol * 10, atol=tol * 10)  # fmt: skip
-    assert (
-        out.dtype == dtype and out.stride() == x.stride() and leaves[0].grad.stride() == x.stride()
-    )
+    assert out.dtype == dtype and (out.stride(), leaves[0].grad.stride()) == torchs_strides(x)
 
 
 @pytest.mark.parametrize(("shape", "layout", "dtype", "relu", "residual"), [c[:3] + c[5:] for c in _cases(seed=11)])  # fmt: skip
@@ -139,7 +137,7 @@ def test_inference_path_matches_reference(shape, layout, dtype, relu, residual, 
     truth = reference(x, w, b, rm, rv, False, torch.zeros(shape, dtype=dtype), r, relu)[0]
     with torch.no_grad():
         out, bad = kernels.EAGER(x, w, b, r, rm, rv, False, MOMENTUM, EPS, int(relu), 1)
-    assert bad is None and out.dtype == dtype and out.stride() == x.stride()
+    assert bad is None and out.dtype == dtype and out.stride() == torchs_strides(x)[0]
     expected = torch.as_tensor(np.ascontiguousarray(truth))
     assert (out.double() - expected).abs().max().item() / max(1.0, expected.abs().max().item()) <= TOLERANCE[dtype]  # fmt: skip
 
@@ -266,6 +264,15 @@ def test_operator_reports_when_asked():
         torch.ops.bnlab.batch_norm_forward(x, None, None, None, torch.zeros(3), torch.ones(3), True, 0.1, EPS, 0, 2, True)  # fmt: skip
 
 
+def torchs_strides(x):
+    """The strides of torch's batch norm output and input gradient for ``x`` (the oracle:
+    bnlab's results carry them, README "Results carry torch's strides")."""
+    xt = x.detach().float().requires_grad_()
+    out = torch.nn.functional.batch_norm(xt, None, None, training=True)
+    (dx,) = torch.autograd.grad(out, xt, torch.ones_like(out))
+    return out.stride(), dx.stride()
+
+
 def test_unusual_strides_are_handled():
     base = torch.randn(4, 3, 10, 10)
     for x in (base[:, :, ::2], base.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)):
@@ -273,19 +280,37 @@ def test_unusual_strides_are_handled():
         rows = _rows(x)
         truth = _unrows((rows - rows.mean(0)) / np.sqrt(rows.var(0) + EPS), x)
         assert np.abs(out.double().numpy() - truth).max() < 1e-5
-        assert out.stride() == torch.empty_like(x).stride()  # as the fake implementation says
+        assert out.stride() == torchs_strides(x)[0]  # (the fake implementation's: see below)
 
 
-def test_fake_implementation_matches_real_outputs():
+@pytest.mark.parametrize(
+    "x",
+    [torch.randn(4, 6, 5, 5).to(memory_format=torch.channels_last),
+     torch.empty_strided((3, 1, 6, 6), (36, 1, 6, 1)).normal_(),
+     torch.empty_strided((4, 8, 1, 1), (8, 1, 8, 8)).normal_(),
+     torch.randn(4, 3, 10, 10)[:, :, ::2],
+     torch.randn(2, 7, 8).transpose(1, 2)],
+    ids=["channels_last", "1 channel", "1x1 planes", "sliced", "transposed"],
+)  # fmt: skip
+def test_fake_implementation_matches_real_outputs(x):
+    """Shapes, dtypes and strides of the fake (meta) implementations equal the kernels' (what
+    torch.compile and export plan with), forward and backward."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    x = torch.randn(4, 6, 5, 5).to(memory_format=torch.channels_last)
-    args = (None, None, None, torch.zeros(6), torch.ones(6), True, 0.1, EPS, 1, 1, False)
+    C = x.shape[1]
+    args = (None, None, x, torch.zeros(C), torch.ones(C), True, 0.1, EPS, 1, 1, False)
     real = torch.ops.bnlab.batch_norm_forward(x, *args)
+    back = (torch.ones_like(x), x, None, real[0], *real[1:4], True, 1, [True, True, True, True])
+    real_back = torch.ops.bnlab.batch_norm_backward(*back)
     with FakeTensorMode() as mode:
-        fake = torch.ops.bnlab.batch_norm_forward(mode.from_tensor(x), *(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))  # fmt: skip
-    for r, f in zip(real, fake, strict=True):
+        fake_of = lambda a: mode.from_tensor(a) if isinstance(a, torch.Tensor) else a  # noqa: E731
+        fake = torch.ops.bnlab.batch_norm_forward(fake_of(x), *map(fake_of, args))
+        fake_back = torch.ops.bnlab.batch_norm_backward(*map(fake_of, back))
+    for r, f in zip((*real, *real_back), (*fake, *fake_back), strict=True):
         assert (r.shape, r.dtype, r.stride()) == (f.shape, f.dtype, f.stride())
+    assert (
+        real[0].stride() == torchs_strides(x)[0] and real_back[0].stride() == torchs_strides(x)[1]
+    )
 
 
 def test_pooled_outputs_are_ordinary_tensors():

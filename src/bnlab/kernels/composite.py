@@ -24,6 +24,8 @@ import warnings
 import torch
 from torch import Tensor
 
+from bnlab.kernels.layout import in_result_layout
+
 IDENTITY, RELU = 0, 1
 PROPAGATE, SKIP, RAISE = 0, 1, 2
 
@@ -137,7 +139,7 @@ def forward(input, weight, bias, residual, running_mean, running_var, training, 
         out = out + residual.to(acc)
     if activation == RELU:
         out = torch.relu(out)
-    return out.to(input.dtype), shift, mean_d, invstd, bad
+    return in_result_layout(out.to(input.dtype), input, False), shift, mean_d, invstd, bad
 
 
 def backward(grad_out, input, weight, output, shift, mean_d, invstd, training, activation, output_mask, eps=None):  # fmt: skip
@@ -170,12 +172,12 @@ def backward(grad_out, input, weight, output, shift, mean_d, invstd, training, a
             grad_input = grad_input_from_means(g, x_hat, sum_g / count, sum_g_xhat / count, gain)
         else:
             grad_input = g * per_channel(gain, xa)
-        grad_input = grad_input.to(input.dtype)
+        grad_input = in_result_layout(grad_input.to(input.dtype), input, True)
     return (
         grad_input,
         sum_g_xhat if output_mask[1] else none,
         sum_g if output_mask[2] else none,
-        g.to(input.dtype) if output_mask[3] else none,
+        in_result_layout(g.to(input.dtype), input, True) if output_mask[3] else none,
     )
 
 

@@ -292,3 +292,29 @@ def test_empty_batch_leaves_running_statistics(device):
     assert torch.equal(rm.cpu(), torch.zeros(3)) and torch.equal(rv.cpu(), torch.ones(3))
     dx, dw, db, _ = ops.backward(x, x, None, None, shift, mean_d, invstd, True, 0, [True, True, True, False])  # fmt: skip
     assert dx.shape == x.shape and torch.equal(dw.cpu(), torch.zeros(3)) and torch.equal(db.cpu(), torch.zeros(3))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("shape", "strides"),
+    [
+        ((3, 1, 6, 6), (36, 1, 6, 1)),
+        ((4, 8, 1, 1), (8, 1, 8, 8)),
+        ((2, 1, 3, 4, 5), (60, 1, 20, 5, 1)),
+        ((2, 7, 8), (56, 1, 7)),
+        ((2, 8, 5, 5), (200, 1, 40, 8)),
+    ],
+)
+def test_results_have_torchs_strides(device, shape, strides):
+    """Output, dx and grad_residual with the strides torch's batch norm gives them (CPU torch
+    as the oracle), not the input's: where these differ only in size-1 dimensions, torch's
+    later operators may read them differently (README: "Results carry torch's strides")."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.empty_strided(shape, strides).copy_(torch.randn(shape, generator=g))
+    xt = x.detach().requires_grad_()
+    want = torch.nn.functional.batch_norm(xt, None, None, training=True)
+    (want_dx,) = torch.autograd.grad(want, xt, torch.ones_like(want))
+    xd = x.to(device)
+    out, shift, mean_d, invstd, _ = ops.forward(xd, None, None, xd, None, None, True, 0.1, 1e-5, 1, 0)  # fmt: skip
+    dx, _, _, dres = ops.backward(torch.ones_like(out), xd, None, out, shift, mean_d, invstd, True, 1, [True, False, False, True])  # fmt: skip
+    assert out.stride() == want.stride()
+    assert dx.stride() == dres.stride() == want_dx.stride()

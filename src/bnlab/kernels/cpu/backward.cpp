@@ -56,11 +56,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   auto mean_d = to_double(mean_d_t, C, 0.0);
   auto invstd = to_double(invstd_t, C, 1.0);
   std::vector<double> sum_g(C, 0.0), sum_g_xhat(C, 0.0);
-  at::Tensor grad_input = need_input ? empty_output(x, Use::kTraining) : at::Tensor();
+  const std::vector<int64_t> strides = result_strides(input, true);
+  at::Tensor grad_input = need_input ? empty_output(x, Use::kTraining, strides) : at::Tensor();
   // g itself is needed for the residual; written by the dx pass when there is one.
   at::Tensor grad_residual;
   const bool write_g = need_residual && relu && need_input;
-  if (write_g) grad_residual = empty_output(x, Use::kTraining);
+  if (write_g) grad_residual = empty_output(x, Use::kTraining, strides);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnlab_backward", [&] {
     using acc_t = typename AccType<scalar_t>::type;
     std::vector<acc_t> S(C);
@@ -113,9 +114,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   if (need_residual && !write_g) {
     grad_residual = relu ? dy * y.gt(0) : dy.clone();
   }
-  auto fit = [&](at::Tensor t) {  // the caller's layout for tensors made in the kernel's
-    return t.defined() && t.strides() != input.strides() ? at::empty_like(input).copy_(t) : t;
-  };
+  auto fit = [&](const at::Tensor& t) { return t.defined() ? with_strides(t, strides) : t; };
   return {need_input ? fit(grad_input) : none,
           need_weight ? vector_tensor(sum_g_xhat, acc) : none,
           need_bias ? vector_tensor(sum_g, acc) : none,

@@ -23,6 +23,24 @@ at::Tensor same_layout(const at::Tensor& t, const at::Tensor& like) {
   return t.contiguous(like.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d);
 }
 
+std::vector<int64_t> result_strides(const at::Tensor& input, bool gradient) {
+  const auto format = !gradient && input.is_contiguous() ? at::MemoryFormat::Contiguous
+                                                         : input.suggest_memory_format();
+  if (format == at::MemoryFormat::ChannelsLast) return c10::get_channels_last_strides_2d(input.sizes());
+  if (format == at::MemoryFormat::ChannelsLast3d) return c10::get_channels_last_strides_3d(input.sizes());
+  std::vector<int64_t> strides(input.dim());
+  int64_t step = 1;
+  for (int64_t d = input.dim() - 1; d >= 0; --d) {
+    strides[d] = step;
+    step *= std::max<int64_t>(input.size(d), 1);
+  }
+  return strides;
+}
+
+at::Tensor with_strides(const at::Tensor& t, c10::IntArrayRef strides) {
+  return t.strides() == strides ? t : at::empty_strided(t.sizes(), strides, t.options()).copy_(t);
+}
+
 at::ScalarType acc_dtype(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
@@ -61,11 +79,6 @@ void normalize(const Geometry& g, AffineArgs<scalar_t>& p, bool residual, bool r
     if (relu) channel_affine<scalar_t, false, true, false, false, true, false>(g, p);
     else channel_affine<scalar_t, false, true, false, false, false, false>(g, p);
   }
-}
-
-// `out` with the strides of `input` (copied where the kernels used another layout).
-at::Tensor in_layout_of(const at::Tensor& input, const at::Tensor& out) {
-  return out.strides() == input.strides() ? out : at::empty_like(input).copy_(out);
 }
 
 // Per-channel values of an optional (C,) tensor as T: the tensor's own memory when it is a
@@ -189,11 +202,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_i
   }
   const at::Tensor x = to_kernel_layout(input);
   const at::Tensor res = has_residual ? same_layout(*residual, x) : at::Tensor();
-  at::Tensor out = empty_output(x, want_stats ? Use::kTraining : Use::kInference);
+  const std::vector<int64_t> strides = result_strides(input, false);
+  at::Tensor out = empty_output(x, want_stats ? Use::kTraining : Use::kInference, strides);
   const Geometry g = geometry(x);
   if (!training && !want_stats) {
     normalize_inference(g, x, out, res, weight, bias, running_mean, running_var, eps, activation == kRelu);
-    return {in_layout_of(input, out), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {with_strides(out, strides), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
   const double n = static_cast<double>(x.numel() / C);
   auto w = to_double(weight, C, 1.0), b = to_double(bias, C, 0.0);
@@ -291,7 +305,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_i
                  "; their running statistics were not updated");
     }
   }
-  out = in_layout_of(input, out);
+  out = with_strides(out, strides);
   if (!want_stats) return {out, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   at::Tensor bad_t = at::empty({C}, input.options().dtype(at::kBool));
   for (int64_t c = 0; c < C; ++c) bad_t.data_ptr<bool>()[c] = bad[c];

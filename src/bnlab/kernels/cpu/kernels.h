@@ -38,6 +38,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
 bool kernel_layout(const at::Tensor& x);                               // contiguous or channels_last dense
 at::Tensor to_kernel_layout(const at::Tensor& x);                      // x, or a contiguous copy
 at::Tensor same_layout(const at::Tensor& t, const at::Tensor& like);   // t with like's strides
+// torch's strides for a batch norm result of `input` (torch 2.6-2.14, CPU; dense): the
+// forward's output is contiguous where `input` is, else in input's suggested memory format;
+// the input gradient is in the suggested format. (Where these differ from the input's own
+// strides only in dimensions of size 1 the memory is the same; but torch's operators read
+// such strides differently: a 1x1 stride-2 convolution over a 1-channel (784, 1, 28, 1)
+// input corrupted the heap in torch 2.13.)
+std::vector<int64_t> result_strides(const at::Tensor& input, bool gradient);
+// `t`, written by the kernels in x's layout, with `strides` (a copy only where the memory
+// order differs; else the same memory under the given strides, made so by `kernel_output`).
+at::Tensor with_strides(const at::Tensor& t, c10::IntArrayRef strides);
 at::ScalarType acc_dtype(const at::Tensor& x);                         // float64 for float64, else float32
 std::vector<double> to_double(const c10::optional<at::Tensor>& t, int64_t C, double fill);
 at::Tensor vector_tensor(const std::vector<double>& values, at::ScalarType dtype);

@@ -108,13 +108,18 @@ void Pool::release_block(void* context) {
 
 }  // namespace
 
-at::Tensor empty_output(const at::Tensor& like, Use use) {
+at::Tensor empty_output(const at::Tensor& like, Use use, c10::IntArrayRef strides) {
+  bool same_offsets = strides.size() == static_cast<size_t>(like.dim());
+  for (int64_t d = 0; same_offsets && d < like.dim(); ++d) {
+    same_offsets = like.size(d) == 1 || like.stride(d) == strides[d];
+  }
+  const c10::IntArrayRef chosen = same_offsets ? strides : like.strides();
   const int64_t bytes = like.numel() * static_cast<int64_t>(like.element_size());
   const int64_t threshold = use == Use::kTraining ? kPoolMinBytes : kPoolMinInferenceBytes;
   if (bytes < threshold || pool_stats().max_idle_bytes == 0) {
-    return at::empty_strided(like.sizes(), like.strides(), like.options());
+    return at::empty_strided(like.sizes(), chosen, like.options());
   }
-  return at::detail::empty_strided_generic(like.sizes(), like.strides(), &pool(),
+  return at::detail::empty_strided_generic(like.sizes(), chosen, &pool(),
                                            c10::DispatchKeySet(c10::DispatchKey::CPU),
                                            like.scalar_type());
 }

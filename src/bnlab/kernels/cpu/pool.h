@@ -28,8 +28,10 @@ constexpr int64_t kPoolMinInferenceBytes = int64_t(32) << 20;  // glibc's DEFAUL
 
 enum class Use { kTraining, kInference };
 
-// An uninitialized tensor with the sizes, strides and dtype of `like` (dense strides).
-at::Tensor empty_output(const at::Tensor& like, Use use);
+// An uninitialized tensor with the sizes and dtype of `like` (dense strides) for the kernels
+// to write in like's layout: with `strides` where they give every element the offset like's
+// strides give it (they differ in dimensions of size 1 only), else with like's strides.
+at::Tensor empty_output(const at::Tensor& like, Use use, c10::IntArrayRef strides);
 
 struct PoolStats {
   int64_t idle_bytes, idle_blocks, max_idle_bytes, hits, misses;
