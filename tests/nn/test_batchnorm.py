@@ -273,3 +273,16 @@ def test_hyperparameters_set_after_construction_are_checked(name, value, match):
         with pytest.raises(ValueError, match=match):
             module(torch.randn(3, 2, 2, 2))
         assert int(module.num_batches_tracked) == 0
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("buffer", ["running_mean", "running_var"])
+def test_integer_running_statistics_set_by_hand_are_named(training, buffer):
+    """A running-statistics buffer replaced by an integer tensor: a TypeError naming it (torch:
+    "expected scalar type Float but found Long"), not a kernel's "not implemented for 'Long'"."""
+    bn = bnn.BatchNorm2d(3).train(training)
+    setattr(bn, buffer, torch.ones(3, dtype=torch.long))
+    with pytest.raises(
+        TypeError, match=f"{buffer}: expected a floating-point dtype, got torch.int64"
+    ):
+        bn(torch.randn(4, 3, 5, 5))

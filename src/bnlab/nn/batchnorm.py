@@ -220,6 +220,10 @@ class _BatchNorm(_NormBase):
         self._check_input(input, residual)
         # eps and momentum are plain attributes: a value set after construction is checked here
         _check_hyperparameters(self.num_features, self.eps, self.momentum)
+        for name in ("running_mean", "running_var", "weight", "bias"):  # (replaced by hand)
+            value = getattr(self, name)
+            if value is not None and value.dtype not in F._FLOAT_DTYPES:
+                F._check_channel_vector(name, value, input)  # raises, naming it
         momentum = self._averaging_factor()
         use_batch_stats = self.training or self.running_mean is None
         track = not self.training or self.track_running_stats

@@ -201,7 +201,8 @@ std::tuple<MaybeTensor, MaybeTensor> module_eager(
     return general;
   }
   for (const MaybeTensor* t : {&weight, &bias, &running_mean, &running_var}) {
-    if (t->has_value() && !(*t)->is_cpu()) return general;
+    // (an integer buffer set by hand: the general path names it)
+    if (t->has_value() && (!(*t)->is_cpu() || !kFloatTypes.count((*t)->scalar_type()))) return general;
   }
   if (residual.has_value() && (residual->sizes() != input.sizes() ||
                                residual->scalar_type() != input.scalar_type() || !residual->is_cpu())) {
