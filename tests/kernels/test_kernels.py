@@ -162,6 +162,19 @@ def test_short_planes_match_reference(shape, dtype, training):
 # (3, 85, 7, 7): 8 groups of 11 channels, the last of 8; (3, 32, 12, 12) and (2, 24, 4, 6, 8):
 # groups of 4 and 3 channels, 4-D and 5-D; (64, 8, 2048) float32: channel by channel except the
 # ReLU backward writing the residual's gradient (5 values per element: 2.5 MiB a channel).
+# Rows layout split into channel blocks: one chunk of 8 long rows (2 blocks); 4 chunks x 4
+# uneven blocks of 1000-1001 channels; channels_last with blocks.
+COLUMN_BLOCKS = [((8, 8192), "contiguous"), ((300, 4001), "contiguous"), ((16, 256, 9, 9), "channels_last")]  # fmt: skip
+
+
+@pytest.mark.parametrize(("shape", "layout"), COLUMN_BLOCKS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("relu", [False, True])
+def test_channel_blocks_of_rows_match_reference(shape, layout, dtype, relu):
+    """The rows layout's sums split into channel blocks (few long rows spread over threads)."""
+    test_operator_matches_reference(shape, layout, dtype, True, True, relu, relu)
+
+
 BY_CHANNEL = [(4, 8, 512), (4, 7, 512), (4, 512, 8), (4, 64, 8), (3, 85, 7, 7), (3, 32, 12, 12), (2, 24, 4, 6, 8), (64, 8, 2048)]  # fmt: skip
 
 
@@ -173,7 +186,7 @@ def test_channel_by_channel_matches_reference(shape, dtype, relu, residual):
     test_operator_matches_reference(shape, "contiguous", dtype, True, True, relu, residual)
 
 
-@pytest.mark.parametrize(("shape", "layout"), [((16, 8, 33, 31), "contiguous"), ((32, 7, 28, 28), "contiguous"), ((8, 3, 56, 56), "contiguous"), ((32, 7, 500), "contiguous"), ((32, 64, 28, 28), "channels_last"), ((256, 1024), "contiguous"), ((5, 6, 2, 2), "contiguous")])  # fmt: skip
+@pytest.mark.parametrize(("shape", "layout"), [((16, 8, 33, 31), "contiguous"), ((32, 7, 28, 28), "contiguous"), ((8, 3, 56, 56), "contiguous"), ((32, 7, 500), "contiguous"), ((32, 64, 28, 28), "channels_last"), ((256, 1024), "contiguous"), ((5, 6, 2, 2), "contiguous"), ((8, 8192), "contiguous"), ((300, 4001), "contiguous")])  # fmt: skip
 def test_results_do_not_depend_on_thread_count(shape, layout):
     """Training forward and backward bitwise equal on 1, 2 and 3 threads: channel groups, two
     passes over few channels (a channel's sums split between chunks), rows (channels_last,

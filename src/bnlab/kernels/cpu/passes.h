@@ -77,6 +77,17 @@ inline int64_t chunk_count(const Geometry& g) {
   return std::max<int64_t>(1, std::min({kMaxChunks, work, by_size, by_values}));
 }
 
+// Rows layout: each chunk's channels split into this many blocks (of at least kMinColumns),
+// so that a few long rows (a (8, 8192) BatchNorm1d input: one chunk of 8 rows) still spread
+// over the threads. A channel's sums keep their order: results stay bitwise equal on any
+// number of threads.
+constexpr int64_t kMinColumns = 64;
+inline int64_t column_blocks(const Geometry& g, int64_t chunks) {
+  if (!g.rows) return 1;
+  const int64_t tasks = std::min(kMaxChunks, g.N * g.C * g.L / kMinParallelElements);
+  return std::max<int64_t>(1, std::min(tasks / chunks, g.C / kMinColumns));
+}
+
 // v, kept where the ReLU output m is positive when MASK (the ReLU's backward).
 template <bool MASK, typename acc_t, typename scalar_t>
 inline acc_t masked(scalar_t v, const scalar_t* m, int64_t i) {
@@ -167,14 +178,18 @@ void channel_sums(const Geometry& g, const scalar_t* u, const scalar_t* v, const
   }
   const int64_t work = g.rows ? g.rows_count() : g.N * C;
   const int64_t chunks = chunk_count(g);
+  const int64_t columns = column_blocks(g, chunks);
   std::vector<double> part(chunks * 2 * C, 0.0);
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, chunks * columns, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> b1_store(g.rows ? C : 0), b2_store(g.rows ? C : 0);
-    acc_t* __restrict__ b1 = b1_store.data();
-    acc_t* __restrict__ b2 = b2_store.data();
-    for (int64_t k = begin; k < end; ++k) {
-      double* p1 = &part[k * 2 * C];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t k = task / columns, column = task % columns;
+      const int64_t c_begin = C * column / columns, c_end = C * (column + 1) / columns;
+      // (the rows branch sees channels [c_begin, c_end) as its whole row)
+      double* p1 = &part[k * 2 * C] + c_begin;
       double* p2 = p1 + C;
+      acc_t* __restrict__ b1 = b1_store.data() + c_begin;
+      acc_t* __restrict__ b2 = b2_store.data() + c_begin;
       const int64_t w0 = work * k / chunks, w1 = work * (k + 1) / chunks;
       if (!g.rows) {
         // Work items in channel-major order (w = c * N + n): a channel's planes in one run.
@@ -188,19 +203,21 @@ void channel_sums(const Geometry& g, const scalar_t* u, const scalar_t* v, const
           w = w_end;
         }
       } else {
-        // Row by row, all channels at once: the partial sums live in two L1-resident arrays.
-        const acc_t* __restrict__ s_ = shift;
+        // Row by row, the block's channels at once: the partial sums live in two L1-resident
+        // arrays. Rows are C apart; this block starts at channel c_begin.
+        const acc_t* __restrict__ s_ = shift + c_begin;
+        const int64_t width = c_end - c_begin;
         for (int64_t r0 = w0; r0 < w1; r0 += kRowBlock) {
           const int64_t r1 = std::min(w1, r0 + kRowBlock);
-          std::fill(b1, b1 + C, acc_t(0));
-          std::fill(b2, b2 + C, acc_t(0));
+          std::fill(b1, b1 + width, acc_t(0));
+          std::fill(b2, b2 + width, acc_t(0));
           int64_t r = r0;
           for (; r + 4 <= r1; r += 4) {  // four rows per update of the partial sums
-            const scalar_t* __restrict__ u0 = u + r * C;
-            const scalar_t* __restrict__ v0 = TWO ? v + r * C : u0;
-            const scalar_t* __restrict__ m0 = MASK ? m + r * C : u0;
+            const scalar_t* __restrict__ u0 = u + r * C + c_begin;
+            const scalar_t* __restrict__ v0 = TWO ? v + r * C + c_begin : u0;
+            const scalar_t* __restrict__ m0 = MASK ? m + r * C + c_begin : u0;
 #pragma omp simd
-            for (int64_t c = 0; c < C; ++c) {
+            for (int64_t c = 0; c < width; ++c) {
               const acc_t d0 = static_cast<acc_t>(u0[c]) - s_[c];
               const acc_t d1 = static_cast<acc_t>(u0[c + C]) - s_[c];
               const acc_t d2 = static_cast<acc_t>(u0[c + 2 * C]) - s_[c];
@@ -214,18 +231,18 @@ void channel_sums(const Geometry& g, const scalar_t* u, const scalar_t* v, const
             }
           }
           for (; r < r1; ++r) {
-            const scalar_t* __restrict__ ur = u + r * C;
-            const scalar_t* __restrict__ vr = TWO ? v + r * C : ur;
-            const scalar_t* __restrict__ mr = MASK ? m + r * C : ur;
+            const scalar_t* __restrict__ ur = u + r * C + c_begin;
+            const scalar_t* __restrict__ vr = TWO ? v + r * C + c_begin : ur;
+            const scalar_t* __restrict__ mr = MASK ? m + r * C + c_begin : ur;
 #pragma omp simd
-            for (int64_t c = 0; c < C; ++c) {
+            for (int64_t c = 0; c < width; ++c) {
               const acc_t d = static_cast<acc_t>(ur[c]) - s_[c];
               const acc_t e = TWO ? masked<MASK, acc_t>(vr[c], mr, c) : d;
               b1[c] += e;
               b2[c] += e * d;
             }
           }
-          for (int64_t c = 0; c < C; ++c) {
+          for (int64_t c = 0; c < width; ++c) {
             p1[c] += b1[c];
             p2[c] += b2[c];
           }
