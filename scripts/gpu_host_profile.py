@@ -13,30 +13,12 @@ import time
 
 import torch
 import torch.nn.functional as F
+from gpu_profile import _step  # (scripts/: the folder of this script)
 from torch.profiler import ProfilerActivity, profile
 
 from bnlab.bench.cuda import bnlab_batch_norm
 
 STEPS = 20
-
-
-def _step(fn, dims, train):
-    C = dims[1]
-    x = torch.randn(dims, device="cuda", requires_grad=train)
-    dy = torch.randn(dims, device="cuda")
-    w = torch.ones(C, device="cuda", requires_grad=train)
-    b = torch.zeros(C, device="cuda", requires_grad=train)
-    rm, rv = torch.zeros(C, device="cuda"), torch.ones(C, device="cuda")
-
-    def step():
-        if train:
-            x.grad = w.grad = b.grad = None
-            fn(x, rm, rv, w, b, True, 0.1, 1e-5).backward(dy)
-        else:
-            with torch.no_grad():
-                fn(x, rm, rv, w, b, False, 0.1, 1e-5)
-
-    return step
 
 
 def main() -> None:
@@ -45,7 +27,8 @@ def main() -> None:
     for dims in ((8, 16, 4, 4), (64, 64, 56, 56)):
         for train in (True, False):
             for name, fn in (("bnlab", ours), ("torch", F.batch_norm)):
-                step = _step(fn, dims, train)
+                x, dy = torch.randn(dims, device="cuda"), torch.randn(dims, device="cuda")
+                step = _step(fn, x, dy, train, train)
                 for _ in range(5):
                     step()
                 torch.cuda.synchronize()
