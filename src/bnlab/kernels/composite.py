@@ -24,7 +24,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from bnlab.kernels.layout import in_result_layout
+from bnlab.kernels.layout import in_result_layout, result_strides
 
 IDENTITY, RELU = 0, 1
 PROPAGATE, SKIP, RAISE = 0, 1, 2
@@ -139,7 +139,7 @@ def forward(input, weight, bias, residual, running_mean, running_var, training, 
         out = out + residual.to(acc)
     if activation == RELU:
         out = torch.relu(out)
-    return in_result_layout(out.to(input.dtype), input, False), shift, mean_d, invstd, bad
+    return in_result_layout(out.to(input.dtype), result_strides(input)), shift, mean_d, invstd, bad
 
 
 def backward(grad_out, input, weight, output, shift, mean_d, invstd, training, activation, output_mask, eps=None):  # fmt: skip
@@ -172,12 +172,14 @@ def backward(grad_out, input, weight, output, shift, mean_d, invstd, training, a
             grad_input = grad_input_from_means(g, x_hat, sum_g / count, sum_g_xhat / count, gain)
         else:
             grad_input = g * per_channel(gain, xa)
-        grad_input = in_result_layout(grad_input.to(input.dtype), input, True)
+        grad_input = in_result_layout(grad_input.to(input.dtype), result_strides(input, grad_out))
     return (
         grad_input,
         sum_g_xhat if output_mask[1] else none,
         sum_g if output_mask[2] else none,
-        in_result_layout(g.to(input.dtype), input, True) if output_mask[3] else none,
+        in_result_layout(g.to(input.dtype), result_strides(input, grad_out))
+        if output_mask[3]
+        else none,
     )
 
 

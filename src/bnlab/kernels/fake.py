@@ -19,30 +19,31 @@ def _vectors(input: torch.Tensor, count: int) -> list[torch.Tensor]:
     return [input.new_empty((channels,), dtype=_compute_dtype(input)) for _ in range(count)]
 
 
-def _result(input: torch.Tensor, gradient: bool) -> torch.Tensor:
-    """An output or input gradient of input's shape and dtype with torch's strides."""
-    return input.new_empty_strided(input.shape, result_strides(input, gradient))
+def _result(input: torch.Tensor, grad_out: torch.Tensor | None = None) -> torch.Tensor:
+    """The output (or, given grad_out, input gradient) of input's shape and dtype with torch's
+    strides."""
+    return input.new_empty_strided(input.shape, result_strides(input, grad_out))
 
 
 def forward(input, weight, bias, residual, running_mean, running_var, training, momentum, eps, activation, nonfinite, report):  # fmt: skip
     shift, mean_d, invstd = _vectors(input, 3)
     bad = input.new_empty((input.shape[1],), dtype=torch.bool)
-    return _result(input, False), shift, mean_d, invstd, bad
+    return _result(input), shift, mean_d, invstd, bad
 
 
 def backward(grad_out, input, weight, output, shift, mean_d, invstd, training, activation, output_mask):  # fmt: skip
     none = input.new_empty((0,), dtype=_compute_dtype(input))
     grad_weight, grad_bias = _vectors(input, 2)
     return (
-        _result(input, True) if output_mask[0] else none,
+        _result(input, grad_out) if output_mask[0] else none,
         grad_weight if output_mask[1] else none,
         grad_bias if output_mask[2] else none,
-        _result(input, True) if output_mask[3] else none,
+        _result(input, grad_out) if output_mask[3] else none,
     )
 
 
 def batch_norm(input, weight, bias, residual, running_mean, running_var, training, momentum, eps, activation, nonfinite, report):  # fmt: skip
-    return _result(input, False), input.new_empty((input.shape[1],), dtype=torch.bool)
+    return _result(input), input.new_empty((input.shape[1],), dtype=torch.bool)
 
 
 def register() -> None:

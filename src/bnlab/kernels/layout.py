@@ -1,12 +1,14 @@
 """torch's memory layout for batch norm results, for the Python paths (composite, fake,
 Triton); the C++ kernels follow the same rule (``result_strides`` in cpu/forward.cpp).
 
-torch 2.6-2.14 on the CPU: the forward's output is contiguous where the input is, else in the
-input's suggested memory format; the input gradient is in the suggested format; dense. Where
-this differs from the input's own strides only in dimensions of size 1 the memory is the
-same, but torch's operators read such strides differently: a 1x1 stride-2 convolution over a
-1-channel input with strides (784, 1, 28, 1) corrupted the heap in torch 2.13, so bnlab's
-results carry torch's strides, not the input's.
+torch 2.6-2.14 on the CPU (its Normalization.cpp): where the input — and, for the input
+gradient, the incoming gradient too, in the same suggested memory format — is dense in some
+format, the result is contiguous if the input is, else channels_last(_3d); otherwise it is in
+the input's suggested format. Dense strides either way. Where this differs from the input's
+own strides only in dimensions of size 1 the memory is the same, but torch's operators read
+such strides differently: a 1x1 stride-2 convolution over a 1-channel input with strides
+(784, 1, 28, 1) corrupted the heap in torch 2.13 (oneDNN), so bnlab's results carry torch's
+strides, not the input's.
 """
 
 from __future__ import annotations
@@ -15,28 +17,42 @@ import torch
 from torch import Tensor
 
 
-def _suggested_format(input: Tensor) -> torch.memory_format:
+def _suggested(t: Tensor) -> torch.memory_format:
     from torch._prims_common import suggest_memory_format
 
-    return suggest_memory_format(input)
+    return suggest_memory_format(t)
 
 
-def result_format(input: Tensor, gradient: bool) -> torch.memory_format:
-    """The memory format of a result of ``input``'s batch norm: the input gradient
-    (``gradient``) or the forward's output."""
-    if not gradient and input.is_contiguous():
+def _dense_in_a_format(t: Tensor) -> bool:
+    return (
+        t.is_contiguous()
+        or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
+        or (t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d))
+    )
+
+
+def result_format(input: Tensor, grad_out: Tensor | None = None) -> torch.memory_format:
+    """The memory format of the forward's output (``grad_out`` None) or of the input gradient
+    for ``grad_out``."""
+    suggested = _suggested(input)
+    dense = _dense_in_a_format(input) and (
+        grad_out is None or (_dense_in_a_format(grad_out) and _suggested(grad_out) == suggested)
+    )
+    if not dense:
+        return suggested
+    if input.is_contiguous():
         return torch.contiguous_format
-    return _suggested_format(input)
+    return torch.channels_last_3d if input.dim() == 5 else torch.channels_last
 
 
-def result_strides(input: Tensor, gradient: bool) -> tuple[int, ...]:
+def result_strides(input: Tensor, grad_out: Tensor | None = None) -> tuple[int, ...]:
     """The dense strides of that format for input's shape."""
-    return torch.empty(input.shape, device="meta", memory_format=result_format(input, gradient)).stride()  # fmt: skip
+    format = result_format(input, grad_out)
+    return torch.empty(input.shape, device="meta", memory_format=format).stride()
 
 
-def in_result_layout(t: Tensor, input: Tensor, gradient: bool) -> Tensor:
-    """``t`` (input's shape) with those strides: ``t`` itself if it has them, else a copy."""
-    strides = result_strides(input, gradient)
+def in_result_layout(t: Tensor, strides: tuple[int, ...]) -> Tensor:
+    """``t`` with ``strides``: ``t`` itself if it has them, else a copy."""
     if t.stride() == strides:
         return t
     return torch.empty_strided(t.shape, strides, dtype=t.dtype, device=t.device).copy_(t)

@@ -56,7 +56,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   auto mean_d = to_double(mean_d_t, C, 0.0);
   auto invstd = to_double(invstd_t, C, 1.0);
   std::vector<double> sum_g(C, 0.0), sum_g_xhat(C, 0.0);
-  const std::vector<int64_t> strides = result_strides(input, true);
+  const std::vector<int64_t> strides = result_strides(input, grad_out);
   at::Tensor grad_input = need_input ? empty_output(x, Use::kTraining, strides) : at::Tensor();
   // g itself is needed for the residual; written by the dx pass when there is one.
   at::Tensor grad_residual;

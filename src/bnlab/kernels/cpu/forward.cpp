@@ -23,9 +23,24 @@ at::Tensor same_layout(const at::Tensor& t, const at::Tensor& like) {
   return t.contiguous(like.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d);
 }
 
-std::vector<int64_t> result_strides(const at::Tensor& input, bool gradient) {
-  const auto format = !gradient && input.is_contiguous() ? at::MemoryFormat::Contiguous
-                                                         : input.suggest_memory_format();
+namespace {
+bool dense_in_a_format(const at::Tensor& t) {  // Normalization.cpp's is_contiguous
+  return t.is_contiguous() || t.is_contiguous(at::MemoryFormat::ChannelsLast) ||
+         t.is_contiguous(at::MemoryFormat::ChannelsLast3d);
+}
+}  // namespace
+
+std::vector<int64_t> result_strides(const at::Tensor& input, const at::Tensor& grad_out) {
+  const auto suggested = input.suggest_memory_format();
+  const bool dense = dense_in_a_format(input) &&
+                     (!grad_out.defined() || (dense_in_a_format(grad_out) &&
+                                              grad_out.suggest_memory_format() == suggested));
+  auto format = suggested;
+  if (dense) {
+    format = input.is_contiguous() ? at::MemoryFormat::Contiguous
+             : input.is_contiguous(at::MemoryFormat::ChannelsLast3d) ? at::MemoryFormat::ChannelsLast3d
+                                                                    : at::MemoryFormat::ChannelsLast;
+  }
   if (format == at::MemoryFormat::ChannelsLast) return c10::get_channels_last_strides_2d(input.sizes());
   if (format == at::MemoryFormat::ChannelsLast3d) return c10::get_channels_last_strides_3d(input.sizes());
   std::vector<int64_t> strides(input.dim());
@@ -202,7 +217,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_i
   }
   const at::Tensor x = to_kernel_layout(input);
   const at::Tensor res = has_residual ? same_layout(*residual, x) : at::Tensor();
-  const std::vector<int64_t> strides = result_strides(input, false);
+  const std::vector<int64_t> strides = result_strides(input, at::Tensor());
   at::Tensor out = empty_output(x, want_stats ? Use::kTraining : Use::kInference, strides);
   const Geometry g = geometry(x);
   if (!training && !want_stats) {

@@ -39,12 +39,13 @@ bool kernel_layout(const at::Tensor& x);                               // contig
 at::Tensor to_kernel_layout(const at::Tensor& x);                      // x, or a contiguous copy
 at::Tensor same_layout(const at::Tensor& t, const at::Tensor& like);   // t with like's strides
 // torch's strides for a batch norm result of `input` (torch 2.6-2.14, CPU; dense): the
-// forward's output is contiguous where `input` is, else in input's suggested memory format;
-// the input gradient is in the suggested format. (Where these differ from the input's own
-// strides only in dimensions of size 1 the memory is the same; but torch's operators read
-// such strides differently: a 1x1 stride-2 convolution over a 1-channel (784, 1, 28, 1)
-// input corrupted the heap in torch 2.13.)
-std::vector<int64_t> result_strides(const at::Tensor& input, bool gradient);
+// forward's output (`grad_out` undefined) or the input gradient for `grad_out`. Where input
+// (and grad_out, in the same suggested memory format) are dense in some format: contiguous if
+// input is, else channels_last(_3d); otherwise input's suggested format. (Where these differ
+// from the input's own strides only in dimensions of size 1 the memory is the same; but
+// torch's operators read such strides differently: a 1x1 stride-2 convolution over a
+// 1-channel (784, 1, 28, 1) input corrupted the heap in torch 2.13.)
+std::vector<int64_t> result_strides(const at::Tensor& input, const at::Tensor& grad_out);
 // `t`, written by the kernels in x's layout, with `strides` (a copy only where the memory
 // order differs; else the same memory under the given strides, made so by `kernel_output`).
 at::Tensor with_strides(const at::Tensor& t, c10::IntArrayRef strides);

@@ -126,7 +126,8 @@ def forward(
     invstd = torch.empty(C, dtype=acc, device=dev)
     bad8 = torch.empty(C, dtype=torch.uint8, device=dev)  # kernels write 0/1 bytes: no i1 pointers
     bad = bad8.view(torch.bool)
-    out = empty_for_kernel(x, result_strides(input, False))
+    strides = result_strides(input)
+    out = empty_for_kernel(x, strides)
     if x.numel() == 0:
         shift.zero_(), mean_d.zero_(), invstd.zero_(), bad.zero_()
         return out, shift, mean_d, invstd, bad
@@ -143,7 +144,7 @@ def forward(
                    var, bad8, training, momentum, eps, activation, nonfinite)  # fmt: skip
     if report_ and training and nonfinite in (1, 2):
         report.report(bad, int(nonfinite))
-    return in_result_layout(out, input, False), shift, mean_d, invstd, bad
+    return in_result_layout(out, strides), shift, mean_d, invstd, bad
 
 
 def backward(
@@ -168,7 +169,7 @@ def backward(
     make = torch.zeros if x.numel() == 0 else torch.empty  # an empty batch sums to zero
     sum_g = make(C, dtype=acc, device=dev) if need_sums else empty
     sum_gx = make(C, dtype=acc, device=dev) if need_sums else empty
-    strides = result_strides(input, True)
+    strides = result_strides(input, grad_out)
     dx = empty_for_kernel(x, strides) if want_dx else torch.empty(0, dtype=x.dtype, device=dev)
     dres = empty_for_kernel(x, strides) if want_dres else torch.empty(0, dtype=x.dtype, device=dev)
     if x.numel() > 0:
@@ -181,10 +182,10 @@ def backward(
                             shift, mean_d, invstd, weight, sum_g if need_sums else None,
                             sum_gx if need_sums else None, training, relu)  # fmt: skip
     return (
-        in_result_layout(dx, input, True) if want_dx else dx,
+        in_result_layout(dx, strides) if want_dx else dx,
         sum_gx if want_dw else empty,
         sum_g if want_db else empty,
-        in_result_layout(dres, input, True) if want_dres else dres,
+        in_result_layout(dres, strides) if want_dres else dres,
     )
 
 
