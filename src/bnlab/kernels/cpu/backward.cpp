@@ -99,12 +99,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
       else channel_sums<scalar_t, true, false>(g, xp, dyp, nullptr, S.data(), s1.data(), s2.data());
     }
     std::vector<acc_t> A(C), B(C), K(C);
-    for (int64_t c = 0; c < C; ++c) {
-      const auto abk = coefficients(c, s1[c], s2[c]);
-      A[c] = abk[0];
-      B[c] = abk[1];
-      K[c] = abk[2];
-    }
+    at::parallel_for(0, C, kChannelGrain, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const auto abk = coefficients(c, s1[c], s2[c]);
+        A[c] = abk[0];
+        B[c] = abk[1];
+        K[c] = abk[2];
+      }
+    });
     if (!need_input) return;
     p.A = A.data();
     p.B = B.data();

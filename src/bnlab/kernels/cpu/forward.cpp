@@ -154,7 +154,7 @@ void normalize_inference(const Geometry& g, const at::Tensor& x, at::Tensor& out
 
 // running = (1 - momentum) * running + momentum * batch, in place, where `update` says.
 void update_running(at::Tensor& running, const std::vector<double>& batch, double momentum,
-                    const std::vector<bool>& update) {
+                    const std::vector<char>& update) {
   const int64_t stride = running.stride(0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, running.scalar_type(), "update_running", [&] {
     scalar_t* p = running.data_ptr<scalar_t>();
@@ -275,17 +275,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_i
       }
       return;
     }
+    std::vector<double> s1(training ? C : 0), s2(training ? C : 0);
     if (training) {
-      std::vector<double> s1(C), s2(C);
       channel_sums<scalar_t, false, false>(g, xp, nullptr, nullptr, S.data(), s1.data(), s2.data());
-      for (int64_t c = 0; c < C; ++c) statistics(c, s1[c], s2[c]);
     }
     std::vector<acc_t> B(C), K(C);
-    for (int64_t c = 0; c < C; ++c) {
-      const auto abk = coefficients(c);
-      B[c] = abk[1];
-      K[c] = abk[2];
-    }
+    // (per channel: a square root and divisions in float64; threads share many channels out)
+    at::parallel_for(0, C, kChannelGrain, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        if (training) statistics(c, s1[c], s2[c]);
+        const auto abk = coefficients(c);
+        B[c] = abk[1];
+        K[c] = abk[2];
+      }
+    });
     p.B = B.data();
     p.K = K.data();
     normalize(g, p, has_residual, relu);
@@ -293,7 +296,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_i
   if (training) {
     int64_t bad_count = 0;
     for (int64_t c = 0; c < C; ++c) bad_count += bad[c] ? 1 : 0;
-    std::vector<bool> update(C);
+    std::vector<char> update(C);
     for (int64_t c = 0; c < C; ++c) {
       update[c] = nonfinite == kPropagate || (nonfinite == kSkip ? !bad[c] : bad_count == 0);
     }
@@ -323,7 +326,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_i
   out = with_strides(out, strides);
   if (!want_stats) return {out, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   at::Tensor bad_t = at::empty({C}, input.options().dtype(at::kBool));
-  for (int64_t c = 0; c < C; ++c) bad_t.data_ptr<bool>()[c] = bad[c];
+  bool* flags = bad_t.data_ptr<bool>();
+  for (int64_t c = 0; c < C; ++c) flags[c] = bad[c];
   return {out, vector_tensor(shift, acc), vector_tensor(mean_d, acc), vector_tensor(invstd, acc), bad_t};
 }
 

@@ -33,6 +33,9 @@ constexpr int64_t kLanes = 32;     // partial sums per plane pass
 // model, where the previous layer left the data spread over every core's cache, splitting
 // smaller tensors measured faster than the 65536 used before).
 constexpr int64_t kMinParallelElements = 32768;
+// Per-channel float64 work (statistics, coefficients) is shared out in blocks of this many
+// channels (a (8, 8192) BatchNorm1d input spends more time there than on its data).
+constexpr int64_t kChannelGrain = 1024;
 // Planes shorter than this are passed as rows (see small_planes_as_rows).
 constexpr int64_t kSmallPlane = 8;
 
