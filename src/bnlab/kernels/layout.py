@@ -46,9 +46,18 @@ def result_format(input: Tensor, grad_out: Tensor | None = None) -> torch.memory
 
 
 def result_strides(input: Tensor, grad_out: Tensor | None = None) -> tuple[int, ...]:
-    """The dense strides of that format for input's shape."""
+    """The dense strides of that format for input's shape (as torch computes them: sizes of 0
+    count as 1)."""
     format = result_format(input, grad_out)
-    return torch.empty(input.shape, device="meta", memory_format=format).stride()
+    sizes = [max(n, 1) for n in input.shape]
+    order = list(range(input.dim() - 1, -1, -1))  # innermost first
+    if format in (torch.channels_last, torch.channels_last_3d):
+        order = [1, *range(input.dim() - 1, 1, -1), 0]
+    strides, step = [0] * input.dim(), 1
+    for d in order:
+        strides[d] = step
+        step *= sizes[d]
+    return tuple(strides)
 
 
 def in_result_layout(t: Tensor, strides: tuple[int, ...]) -> Tensor:
