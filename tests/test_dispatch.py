@@ -253,3 +253,18 @@ def test_results_have_torchs_strides(path, name, training):
         for g, want_grad in zip(grads, want_grads, strict=True):
             (got_grad,) = torch.autograd.grad(got, x, g, retain_graph=True)
             assert got_grad.stride() == want_grad
+
+
+@pytest.mark.parametrize("shape", [(3, 1, 6, 6), (4, 8, 1, 1), (0, 8, 5, 5), (2, 0, 3, 3), (2, 1, 3, 4, 5), (0, 3, 1, 4, 5), (2, 7, 8), (6, 5), (0, 5)])  # fmt: skip
+def test_result_strides_are_torchs_dense_strides(shape):
+    """The Python paths' strides for a result (computed from the sizes, no tensor made) equal
+    the dense strides torch gives that memory format, empty dimensions included."""
+    from bnlab.kernels import layout
+
+    formats = {4: [torch.channels_last], 5: [torch.channels_last_3d]}.get(len(shape), [])
+    for memory_format in (torch.contiguous_format, *formats):
+        x = torch.empty(shape, memory_format=memory_format)
+        for grad in (None, x, torch.empty(shape)):
+            fmt = layout.result_format(x, grad)
+            want = torch.empty(shape, device="meta", memory_format=fmt).stride()
+            assert layout.result_strides(x, grad) == want
