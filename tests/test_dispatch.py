@@ -268,3 +268,18 @@ def test_result_strides_are_torchs_dense_strides(shape):
             fmt = layout.result_format(x, grad)
             want = torch.empty(shape, device="meta", memory_format=fmt).stride()
             assert layout.result_strides(x, grad) == want
+
+
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+def test_input_gradient_exact_where_torchs_is_not(path):
+    """A channels_last-dense input whose size-1 dimension makes its suggested format
+    contiguous, with a contiguous incoming gradient: torch 2.6-2.14's CPU dx is off by ~3.8
+    (README); bnlab's equals float64 torch on contiguous copies."""
+    g0 = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 1, 3, generator=g0).permute(0, 3, 2, 1).requires_grad_()
+    w, b, g = torch.randn(3, generator=g0), torch.randn(3, generator=g0), torch.randn(2, 3, 1, 5, generator=g0)  # fmt: skip
+    (got,) = torch.autograd.grad(functional.batch_norm(x, None, None, w, b, True), x, g)
+    xc = x.detach().double().contiguous().requires_grad_()
+    truth = torch.nn.functional.batch_norm(xc, None, None, w.double(), b.double(), True)
+    (want,) = torch.autograd.grad(truth, xc, g.double().contiguous())
+    assert (got.double() - want).abs().max().item() < 1e-5
