@@ -15,15 +15,11 @@ namespace {
 template <typename scalar_t>
 void input_gradient(const Geometry& g, const AffineArgs<scalar_t>& p, bool training, bool mask,
                     bool write_g) {
-  if (training) {
-    if (!mask) channel_affine<scalar_t, true, true, false, false, false, false>(g, p);
-    else if (!write_g) channel_affine<scalar_t, true, true, true, false, false, false>(g, p);
-    else channel_affine<scalar_t, true, true, true, false, false, true>(g, p);
-  } else {
-    if (!mask) channel_affine<scalar_t, true, false, false, false, false, false>(g, p);
-    else if (!write_g) channel_affine<scalar_t, true, false, true, false, false, false>(g, p);
-    else channel_affine<scalar_t, true, false, true, false, false, true>(g, p);
-  }
+  with_flags(mask, write_g, [&](auto masked, auto writes_g) {
+    constexpr bool M = decltype(masked)::value, W = decltype(writes_g)::value;
+    if (training) channel_affine<scalar_t, true, true, M, false, false, W>(g, p);
+    else channel_affine<scalar_t, true, false, M, false, false, W>(g, p);
+  });
 }
 
 }  // namespace
@@ -88,9 +84,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     p.g = write_g ? grad_residual.data_ptr<scalar_t>() : nullptr;
     const int64_t values = 3 + (relu ? 1 : 0) + (write_g ? 1 : 0);  // x, dy, [y], dx, [g]
     if (training && need_input && by_channel(g, values, x.element_size())) {
-      if (!relu) sums_then_affine<scalar_t, true, false, true, true, false, false, false>(g, p, coefficients);
-      else if (!write_g) sums_then_affine<scalar_t, true, true, true, true, false, false, false>(g, p, coefficients);
-      else sums_then_affine<scalar_t, true, true, true, true, false, false, true>(g, p, coefficients);
+      with_flags(relu, write_g, [&](auto masked, auto writes_g) {
+        sums_then_affine<scalar_t, true, decltype(masked)::value, true, true, false, false, decltype(writes_g)::value>(g, p, coefficients);
+      });
       return;
     }
     std::vector<double> s1(C, 0.0), s2(C, 0.0);  // left zero where not needed (eval's dx)

@@ -87,13 +87,9 @@ namespace {
 // out = B * (x - shift) + K [+ residual], then ReLU: the normalization pass.
 template <typename scalar_t>
 void normalize(const Geometry& g, AffineArgs<scalar_t>& p, bool residual, bool relu) {
-  if (residual) {
-    if (relu) channel_affine<scalar_t, false, true, false, true, true, false>(g, p);
-    else channel_affine<scalar_t, false, true, false, true, false, false>(g, p);
-  } else {
-    if (relu) channel_affine<scalar_t, false, true, false, false, true, false>(g, p);
-    else channel_affine<scalar_t, false, true, false, false, false, false>(g, p);
-  }
+  with_flags(residual, relu, [&](auto res, auto act) {
+    channel_affine<scalar_t, false, true, false, decltype(res)::value, decltype(act)::value, false>(g, p);
+  });
 }
 
 // Per-channel values of an optional (C,) tensor as T: the tensor's own memory when it is a
@@ -266,13 +262,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_i
         statistics(c, s1, s2);
         return coefficients(c);
       };
-      if (has_residual) {
-        if (relu) sums_then_affine<scalar_t, false, false, false, true, true, true, false>(g, p, channel);
-        else sums_then_affine<scalar_t, false, false, false, true, true, false, false>(g, p, channel);
-      } else {
-        if (relu) sums_then_affine<scalar_t, false, false, false, true, false, true, false>(g, p, channel);
-        else sums_then_affine<scalar_t, false, false, false, true, false, false, false>(g, p, channel);
-      }
+      with_flags(has_residual, relu, [&](auto res, auto act) {
+        sums_then_affine<scalar_t, false, false, false, true, decltype(res)::value, decltype(act)::value, false>(g, p, channel);
+      });
       return;
     }
     std::vector<double> s1(training ? C : 0), s2(training ? C : 0);

@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <array>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
 namespace bnlab {
@@ -36,6 +37,19 @@ constexpr int64_t kMinParallelElements = 32768;
 // Per-channel float64 work (statistics, coefficients) is shared out in blocks of this many
 // channels (a (8, 8192) BatchNorm1d input spends more time there than on its data).
 constexpr int64_t kChannelGrain = 1024;
+
+// Calls pass(A, B) with two runtime flags as std::bool_constant types: one call site for the
+// four instantiations of a pass (by residual and ReLU; by the ReLU mask and writing g).
+template <typename Pass>
+inline void with_flags(bool a, bool b, Pass&& pass) {
+  if (a) {
+    if (b) pass(std::true_type{}, std::true_type{});
+    else pass(std::true_type{}, std::false_type{});
+  } else {
+    if (b) pass(std::false_type{}, std::true_type{});
+    else pass(std::false_type{}, std::false_type{});
+  }
+}
 // Planes shorter than this are passed as rows (see small_planes_as_rows).
 constexpr int64_t kSmallPlane = 8;
 
