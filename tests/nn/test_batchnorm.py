@@ -229,6 +229,22 @@ def test_a_refused_batch_is_not_counted():
     torch.testing.assert_close(ours.running_var, theirs.running_var)
 
 
+def test_a_refused_batch_is_not_counted_in_compiled_code():
+    """The same under torch.compile (aot_eager): the batch is counted after the operator
+    accepts it, so a refused one is not (an except clause would not run in compiled code).
+    (Inductor's generated code still counts it: README.)"""
+    bn = bnn.BatchNorm1d(2, momentum=None, nonfinite="raise")
+    step = torch.compile(bn, backend="aot_eager")
+    good = torch.randn(8, 2, generator=torch.Generator().manual_seed(0)) + 5
+    bad = good.clone()
+    bad[0, 1] = float("nan")
+    step(good)
+    with pytest.raises(RuntimeError, match="nonfinite='raise'"):
+        step(bad)
+    step(good)
+    assert int(bn.num_batches_tracked) == 2
+
+
 def test_replaced_parameters_are_used():
     """The eager path reads the module's parameter dicts: parameters swapped by
     torch.func.functional_call and a parametrized weight (a property, not in the dict) must

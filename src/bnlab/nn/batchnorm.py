@@ -179,13 +179,15 @@ def _check_hyperparameters(num_features: int, eps: float, momentum: float | None
 class _BatchNorm(_NormBase):
     """Batch normalization over dim 1 with torch's training/eval semantics."""
 
-    def _averaging_factor(self) -> float:
-        """The weight of this batch in the running statistics; counts the batch."""
+    def _averaging_factor(self, count: bool = True) -> float:
+        """The weight of this batch in the running statistics; counts the batch unless
+        ``count`` is False (the caller counts it once the batch is accepted)."""
         if not (self.training and self.track_running_stats):
             return 0.0 if self.momentum is None else self.momentum
-        self.num_batches_tracked.add_(1)
+        if count:
+            self.num_batches_tracked.add_(1)
         if self.momentum is None:
-            return 1.0 / float(self.num_batches_tracked)
+            return 1.0 / (float(self.num_batches_tracked) + (0.0 if count else 1.0))
         return self.momentum
 
     def forward(self, input: Tensor) -> Tensor:
@@ -224,7 +226,7 @@ class _BatchNorm(_NormBase):
             value = getattr(self, name)
             if value is not None and value.dtype not in F._FLOAT_DTYPES:
                 F._check_channel_vector(name, value, input)  # raises, naming it
-        momentum = self._averaging_factor()
+        momentum = self._averaging_factor(count=False)
         use_batch_stats = self.training or self.running_mean is None
         track = not self.training or self.track_running_stats
         if use_batch_stats and not torch.jit.is_tracing() and input.numel() == input.shape[1] > 0:
@@ -232,26 +234,24 @@ class _BatchNorm(_NormBase):
                 "input: Expected more than 1 value per channel when training, "
                 f"got input size {input.shape}"
             )
-        try:
-            return F.apply_batch_norm(  # the module's own state needs no re-validation
-                input,
-                self.running_mean if track else None,
-                self.running_var if track else None,
-                self.weight,
-                self.bias,
-                use_batch_stats,
-                momentum,
-                self.eps,
-                self.nonfinite,
-                residual,
-                activation,
-            )
-        except (FloatingPointError, RuntimeError) as error:  # nonfinite='raise': not counted
-            if "nonfinite='raise'" not in str(error):
-                raise
-            if self.training and self.track_running_stats:
-                self.num_batches_tracked.sub_(1)
-            raise
+        out = F.apply_batch_norm(  # the module's own state needs no re-validation
+            input,
+            self.running_mean if track else None,
+            self.running_var if track else None,
+            self.weight,
+            self.bias,
+            use_batch_stats,
+            momentum,
+            self.eps,
+            self.nonfinite,
+            residual,
+            activation,
+        )
+        # Counted once accepted: a batch refused by nonfinite='raise' raises above and is not
+        # (also in compiled code, where an except clause here would not run).
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+        return out
 
 
 class BatchNorm1d(_BatchNorm):
