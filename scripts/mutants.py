@@ -82,9 +82,9 @@ MUTANTS: list[Mutant] = [
     Mutant("ref-population-bias-correction", REF, "m / (m - 1) * batch_vars", "(m - 1) / m * batch_vars", REFERENCE),
     Mutant("ref-fold-shift-sign", REF, "np.asarray(beta) - scale * np.asarray(running_mean)", "np.asarray(beta) + scale * np.asarray(running_mean)", REFERENCE),
     # level 3, nn: momentum, cumulative average, num_batches_tracked
-    Mutant("nn-momentum-inverted", NN_BN, "            return 1.0 / (float(self.num_batches_tracked) + (0.0 if count else 1.0))\n        return self.momentum", "            return 1.0 / (float(self.num_batches_tracked) + (0.0 if count else 1.0))\n        return 1.0 - self.momentum", NN),
-    Mutant("nn-cumulative-off-by-one", NN_BN, "(0.0 if count else 1.0))", "(0.0 if count else 2.0))", NN),
-    Mutant("nn-batches-not-counted", NN_BN, "        if self.training and self.track_running_stats:\n            self.num_batches_tracked.add_(1)\n        return out", "        if self.training and self.track_running_stats:\n            self.num_batches_tracked.add_(0)\n        return out", NN),
+    Mutant("nn-momentum-inverted", NN_BN, "            return 1.0 / (float(self.num_batches_tracked) + 1.0)\n        return self.momentum", "            return 1.0 / (float(self.num_batches_tracked) + 1.0)\n        return 1.0 - self.momentum", NN),
+    Mutant("nn-cumulative-off-by-one", NN_BN, "return 1.0 / (float(self.num_batches_tracked) + 1.0)", "return 1.0 / (float(self.num_batches_tracked) + 2.0)", NN),
+    Mutant("nn-batches-not-counted", NN_BN, "self.num_batches_tracked.add_(1)", "self.num_batches_tracked.add_(0)", NN),
     Mutant("nn-eval-untracked-uses-running", NN_BN, "use_batch_stats = self.training or self.running_mean is None", "use_batch_stats = self.training", NN),
     # SyncBatchNorm: Chan's merge, the backward all-reduce
     Mutant("sync-chan-dropped-between-term", SYNC_PY, "var = (m2s + counts * (means - mean) ** 2).sum(0) / total", "var = m2s.sum(0) / total", SYNC),

@@ -147,9 +147,9 @@ def supports(input: torch.Tensor) -> bool:
     loads the extension first if nothing has yet (loading registers the CUDA kernels): a
     process that calls ``bnlab.functional`` on CUDA tensors alone gets them too."""
     device = input.device.type
-    if device == "cuda" and device not in DEVICES and _ENABLED and _state["error"] is None:
-        if _state["module"] is None:
-            load()
+    unloaded = _state["module"] is None and _state["error"] is None  # (a failed build: not again)
+    if device == "cuda" and device not in DEVICES and _ENABLED and unloaded:
+        load()
     return device in DEVICES and input.dtype in _DTYPES
 
 

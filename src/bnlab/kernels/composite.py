@@ -164,6 +164,7 @@ def backward(grad_out, input, weight, output, shift, mean_d, invstd, training, a
     sum_g = g.sum(dims)
     sum_g_xhat = (g * x_hat).sum(dims)
     none = xa.new_empty((0,))
+    strides = result_strides(input, grad_out)  # torch's, for grad_input and grad_residual
     grad_input = none
     if output_mask[0]:
         gain = invstd if weight is None else invstd * weight.to(acc)
@@ -172,14 +173,12 @@ def backward(grad_out, input, weight, output, shift, mean_d, invstd, training, a
             grad_input = grad_input_from_means(g, x_hat, sum_g / count, sum_g_xhat / count, gain)
         else:
             grad_input = g * per_channel(gain, xa)
-        grad_input = in_result_layout(grad_input.to(input.dtype), result_strides(input, grad_out))
+        grad_input = in_result_layout(grad_input.to(input.dtype), strides)
     return (
         grad_input,
         sum_g_xhat if output_mask[1] else none,
         sum_g if output_mask[2] else none,
-        in_result_layout(g.to(input.dtype), result_strides(input, grad_out))
-        if output_mask[3]
-        else none,
+        in_result_layout(g.to(input.dtype), strides) if output_mask[3] else none,
     )
 
 

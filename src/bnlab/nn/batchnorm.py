@@ -179,16 +179,19 @@ def _check_hyperparameters(num_features: int, eps: float, momentum: float | None
 class _BatchNorm(_NormBase):
     """Batch normalization over dim 1 with torch's training/eval semantics."""
 
-    def _averaging_factor(self, count: bool = True) -> float:
-        """The weight of this batch in the running statistics; counts the batch unless
-        ``count`` is False (the caller counts it once the batch is accepted)."""
+    def _averaging_factor(self) -> float:
+        """The weight of this batch in the running statistics: momentum, or for the cumulative
+        average (momentum=None) 1 / (batches counted + 1), this batch being the next counted."""
         if not (self.training and self.track_running_stats):
             return 0.0 if self.momentum is None else self.momentum
-        if count:
-            self.num_batches_tracked.add_(1)
         if self.momentum is None:
-            return 1.0 / (float(self.num_batches_tracked) + (0.0 if count else 1.0))
+            return 1.0 / (float(self.num_batches_tracked) + 1.0)
         return self.momentum
+
+    def _count_batch(self) -> None:
+        """Counts a training batch in ``num_batches_tracked`` (where running stats are kept)."""
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
 
     def forward(self, input: Tensor) -> Tensor:
         return self._normalize(input)
@@ -226,7 +229,7 @@ class _BatchNorm(_NormBase):
             value = getattr(self, name)
             if value is not None and value.dtype not in F._FLOAT_DTYPES:
                 F._check_channel_vector(name, value, input)  # raises, naming it
-        momentum = self._averaging_factor(count=False)
+        momentum = self._averaging_factor()
         use_batch_stats = self.training or self.running_mean is None
         track = not self.training or self.track_running_stats
         if use_batch_stats and not torch.jit.is_tracing() and input.numel() == input.shape[1] > 0:
@@ -249,8 +252,7 @@ class _BatchNorm(_NormBase):
         )
         # Counted once accepted: a batch refused by nonfinite='raise' raises above and is not
         # (also in compiled code, where an except clause here would not run).
-        if self.training and self.track_running_stats:
-            self.num_batches_tracked.add_(1)
+        self._count_batch()
         return out
 
 

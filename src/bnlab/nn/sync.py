@@ -168,6 +168,7 @@ class SyncBatchNorm(_BatchNorm):
             return super().forward(input)
         self._check_input(input)
         momentum = self._averaging_factor()
+        self._count_batch()
         running = (self.running_mean, self.running_var) if self.track_running_stats else (None, None)  # fmt: skip
         return _SyncBatchNormFunction.apply(
             input,

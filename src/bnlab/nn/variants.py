@@ -45,6 +45,7 @@ class _GhostBatchNorm(_BatchNorm):
             return super().forward(input)
         self._check_input(input)
         momentum = self._averaging_factor()
+        self._count_batch()
         n, size = input.shape[0], self.virtual_batch_size
         per_sample = input[0].numel() // input.shape[1] if n else 0
         if n * per_sample < 2:
@@ -143,7 +144,7 @@ class _BatchRenorm(_BatchNorm):
         if not self.training:
             return super().forward(input)
         self._check_input(input)
-        self._averaging_factor()  # counts the step
+        self._count_batch()  # counts the step
         if input.numel() // input.shape[1] < 2:
             raise ValueError(f"input: Expected more than 1 value per channel when training, got input size {input.shape}")  # fmt: skip
         r_max, d_max = self.limits()

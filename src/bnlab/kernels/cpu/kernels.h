@@ -47,7 +47,7 @@ at::Tensor same_layout(const at::Tensor& t, const at::Tensor& like);   // t with
 // 1-channel (784, 1, 28, 1) input corrupted the heap in torch 2.13.)
 std::vector<int64_t> result_strides(const at::Tensor& input, const at::Tensor& grad_out);
 // `t`, written by the kernels in x's layout, with `strides` (a copy only where the memory
-// order differs; else the same memory under the given strides, made so by `kernel_output`).
+// order differs; else the same memory under the given strides, made so by `empty_output`).
 at::Tensor with_strides(const at::Tensor& t, c10::IntArrayRef strides);
 at::ScalarType acc_dtype(const at::Tensor& x);                         // float64 for float64, else float32
 std::vector<double> to_double(const c10::optional<at::Tensor>& t, int64_t C, double fill);

@@ -87,9 +87,10 @@ std::vector<T> per_position(const T* per_channel, const Geometry& g) {
 // each chunk's partial sums, and their merge, are the same on any number of threads: results
 // are bitwise equal on 1, 2 or 16 threads.
 constexpr int64_t kMaxChunks = 16;
+inline int64_t tasks_by_size(const Geometry& g) { return g.N * g.C * g.L / kMinParallelElements; }
 inline int64_t chunk_count(const Geometry& g) {
   const int64_t work = g.rows ? g.rows_count() : g.N * g.C;
-  const int64_t by_size = g.N * g.C * g.L / kMinParallelElements;
+  const int64_t by_size = tasks_by_size(g);
   const int64_t by_values = g.N * g.L / kRowBlock;
   return std::max<int64_t>(1, std::min({kMaxChunks, work, by_size, by_values}));
 }
@@ -101,7 +102,7 @@ inline int64_t chunk_count(const Geometry& g) {
 constexpr int64_t kMinColumns = 64;
 inline int64_t column_blocks(const Geometry& g, int64_t chunks) {
   if (!g.rows) return 1;
-  const int64_t tasks = std::min(kMaxChunks, g.N * g.C * g.L / kMinParallelElements);
+  const int64_t tasks = std::min(kMaxChunks, tasks_by_size(g));
   return std::max<int64_t>(1, std::min(tasks / chunks, g.C / kMinColumns));
 }
 
