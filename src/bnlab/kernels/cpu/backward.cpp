@@ -8,6 +8,8 @@
 #include "passes.h"
 #include "pool.h"
 
+#include <memory>
+
 namespace bnlab {
 namespace {
 
@@ -47,31 +49,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   const at::Tensor y = relu ? same_layout(*output, x) : at::Tensor();
   const Geometry g = geometry(x);
   const double n = static_cast<double>(x.numel() / C);
-  auto w = to_double(weight, C, 1.0);
-  auto shift = to_double(shift_t, C, 0.0);
-  auto mean_d = to_double(mean_d_t, C, 0.0);
-  auto invstd = to_double(invstd_t, C, 1.0);
-  std::vector<double> sum_g(C, 0.0), sum_g_xhat(C, 0.0);
+  // Σg and Σg·x̂ are written where they are returned (as grad_bias and grad_weight).
+  at::Tensor sum_g_t = at::empty({C}, input.options().dtype(acc));
+  at::Tensor sum_g_xhat_t = at::empty({C}, input.options().dtype(acc));
   const std::vector<int64_t> strides = result_strides(input, grad_out);
   at::Tensor grad_input = need_input ? empty_output(x, Use::kTraining, strides) : at::Tensor();
   // g itself is needed for the residual; written by the dx pass when there is one.
   at::Tensor grad_residual;
   const bool write_g = need_residual && relu && need_input;
   if (write_g) grad_residual = empty_output(x, Use::kTraining, strides);
+  const bool need_sums = need_weight || need_bias || (training && need_input);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnlab_backward", [&] {
     using acc_t = typename AccType<scalar_t>::type;
-    std::vector<acc_t> S(C);
-    for (int64_t c = 0; c < C; ++c) S[c] = static_cast<acc_t>(shift[c]);
+    const ChannelReader<acc_t> w(weight, C, 1.0), mean_d(mean_d_t, C, 0.0), invstd(invstd_t, C, 1.0);
+    const ChannelValues<acc_t> shift(shift_t, C, 0.0);  // (the passes read it as acc_t)
+    acc_t* sum_g = sum_g_t.data_ptr<acc_t>();
+    acc_t* sum_g_xhat = sum_g_xhat_t.data_ptr<acc_t>();
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* dyp = dy.data_ptr<scalar_t>();
     const scalar_t* yp = relu ? y.data_ptr<scalar_t>() : nullptr;
     // Per channel: the sums, and dx = A·g + B·(x − shift) + K's coefficients from them.
     auto coefficients = [&](int64_t c, double s1, double s2) {
-      sum_g[c] = s1;
-      sum_g_xhat[c] = invstd[c] * (s2 - mean_d[c] * s1);
+      const double s_xhat = invstd[c] * (s2 - mean_d[c] * s1);
+      sum_g[c] = static_cast<acc_t>(s1);
+      sum_g_xhat[c] = static_cast<acc_t>(s_xhat);
       const double gain = w[c] * invstd[c];
-      const double slope = training ? gain * invstd[c] * sum_g_xhat[c] / n : 0.0;
-      const double k = training ? slope * mean_d[c] - gain * sum_g[c] / n : 0.0;
+      const double slope = training ? gain * invstd[c] * s_xhat / n : 0.0;
+      const double k = training ? slope * mean_d[c] - gain * s1 / n : 0.0;
       return std::array<acc_t, 3>{static_cast<acc_t>(gain), static_cast<acc_t>(-slope),
                                   static_cast<acc_t>(k)};
     };
@@ -79,7 +83,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     p.u = xp;
     p.v = dyp;
     p.m = yp;
-    p.shift = S.data();
+    p.shift = shift.data();
     p.out = need_input ? grad_input.data_ptr<scalar_t>() : nullptr;
     p.g = write_g ? grad_residual.data_ptr<scalar_t>() : nullptr;
     const int64_t values = 3 + (relu ? 1 : 0) + (write_g ? 1 : 0);  // x, dy, [y], dx, [g]
@@ -89,24 +93,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
       });
       return;
     }
-    std::vector<double> s1(C, 0.0), s2(C, 0.0);  // left zero where not needed (eval's dx)
-    if (need_weight || need_bias || (training && need_input)) {
-      if (relu) channel_sums<scalar_t, true, true>(g, xp, dyp, yp, S.data(), s1.data(), s2.data());
-      else channel_sums<scalar_t, true, false>(g, xp, dyp, nullptr, S.data(), s1.data(), s2.data());
+    std::unique_ptr<double[]> s1(new double[need_sums ? C : 0]), s2(new double[need_sums ? C : 0]);
+    if (need_sums) {
+      if (relu) channel_sums<scalar_t, true, true>(g, xp, dyp, yp, shift.data(), s1.get(), s2.get());
+      else channel_sums<scalar_t, true, false>(g, xp, dyp, nullptr, shift.data(), s1.get(), s2.get());
     }
-    std::vector<acc_t> A(C), B(C), K(C);
+    std::unique_ptr<acc_t[]> A(new acc_t[C]), B(new acc_t[C]), K(new acc_t[C]);
     at::parallel_for(0, C, kChannelGrain, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        const auto abk = coefficients(c, s1[c], s2[c]);
+      for (int64_t c = c0; c < c1; ++c) {  // (eval's dx needs no sums: zero there)
+        const auto abk = coefficients(c, need_sums ? s1[c] : 0.0, need_sums ? s2[c] : 0.0);
         A[c] = abk[0];
         B[c] = abk[1];
         K[c] = abk[2];
       }
     });
     if (!need_input) return;
-    p.A = A.data();
-    p.B = B.data();
-    p.K = K.data();
+    p.A = A.get();
+    p.B = B.get();
+    p.K = K.get();
     input_gradient(g, p, training, relu, write_g);
   });
   if (need_residual && !write_g) {
@@ -114,8 +118,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   }
   auto fit = [&](const at::Tensor& t) { return t.defined() ? with_strides(t, strides) : t; };
   return {need_input ? fit(grad_input) : none,
-          need_weight ? vector_tensor(sum_g_xhat, acc) : none,
-          need_bias ? vector_tensor(sum_g, acc) : none,
+          need_weight ? sum_g_xhat_t : none,
+          need_bias ? sum_g_t : none,
           need_residual ? fit(grad_residual) : none};
 }
 

@@ -4,6 +4,7 @@
 #include "pool.h"
 
 #include <cmath>
+#include <memory>
 #include <sstream>
 
 namespace bnlab {
@@ -73,15 +74,6 @@ std::vector<double> to_double(const c10::optional<at::Tensor>& t, int64_t C, dou
   return out;
 }
 
-at::Tensor vector_tensor(const std::vector<double>& values, at::ScalarType dtype) {
-  auto t = at::empty({static_cast<int64_t>(values.size())}, at::TensorOptions().dtype(dtype));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "vector_tensor", [&] {
-    scalar_t* p = t.data_ptr<scalar_t>();
-    for (size_t i = 0; i < values.size(); ++i) p[i] = static_cast<scalar_t>(values[i]);
-  });
-  return t;
-}
-
 namespace {
 
 // out = B * (x - shift) + K [+ residual], then ReLU: the normalization pass.
@@ -91,28 +83,6 @@ void normalize(const Geometry& g, AffineArgs<scalar_t>& p, bool residual, bool r
     channel_affine<scalar_t, false, true, false, decltype(res)::value, decltype(act)::value, false>(g, p);
   });
 }
-
-// Per-channel values of an optional (C,) tensor as T: the tensor's own memory when it is a
-// contiguous T vector on the CPU (no copy), else a converted copy; `fill` where absent.
-template <typename T>
-class ChannelValues {
- public:
-  ChannelValues(const c10::optional<at::Tensor>& t, int64_t C, double fill) {
-    if (t.has_value() && t->defined() && t->is_cpu() &&
-        t->scalar_type() == c10::CppTypeToScalarType<T>::value && t->stride(0) == 1) {
-      ptr_ = t->data_ptr<T>();
-      return;
-    }
-    const auto values = to_double(t, C, fill);
-    copy_.assign(values.begin(), values.end());
-    ptr_ = copy_.data();
-  }
-  const T* data() const { return ptr_; }
-
- private:
-  const T* ptr_ = nullptr;
-  std::vector<T> copy_;
-};
 
 // weight / sqrt(var + eps), per channel.
 template <typename T>
@@ -148,25 +118,43 @@ void normalize_inference(const Geometry& g, const at::Tensor& x, at::Tensor& out
   });
 }
 
-// running = (1 - momentum) * running + momentum * batch, in place, where `update` says.
-void update_running(at::Tensor& running, const std::vector<double>& batch, double momentum,
-                    const std::vector<char>& update) {
-  const int64_t stride = running.stride(0);
+// running = (1 - momentum) * running + momentum * batch(c), in place, where take(c).
+template <typename Batch, typename Take>
+void update_running(at::Tensor& running, double momentum, const Batch& batch, const Take& take) {
+  const int64_t stride = running.stride(0), C = running.numel();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, running.scalar_type(), "update_running", [&] {
     scalar_t* p = running.data_ptr<scalar_t>();
-    for (size_t c = 0; c < batch.size(); ++c) {
-      if (!update[c]) continue;
+    for (int64_t c = 0; c < C; ++c) {
+      if (!take(c)) continue;
       const double old = static_cast<double>(p[c * stride]);
-      p[c * stride] = static_cast<scalar_t>(old * (1.0 - momentum) + batch[c] * momentum);
+      p[c * stride] = static_cast<scalar_t>(old * (1.0 - momentum) + batch(c) * momentum);
     }
   });
 }
 
-std::string channel_list(const std::vector<char>& bad) {
+// The normalization of a channel whose d = x − shift has mean mean_d and variance var:
+// out = B·(x − shift) + K, B = w·invstd, K = b − mean_d·w·invstd (float64).
+struct ChannelNorm {
+  double invstd, B, K;
+};
+inline ChannelNorm channel_norm(double mean_d, double var, double eps, double w, double b) {
+  const double invstd = 1.0 / std::sqrt(var + eps);
+  return {invstd, w * invstd, b - mean_d * w * invstd};
+}
+
+// The batch mean of d and its biased variance from s1 = Σd, s2 = Σd² over n values.
+inline double batch_moments(double s1, double s2, double n, double& var) {
+  const double mean_d = s1 / n;
+  var = s2 / n - mean_d * mean_d;
+  if (var < 0.0) var = 0.0;  // rounding; NaN stays NaN (std::max would hide it)
+  return mean_d;
+}
+
+std::string channel_list(const bool* bad, int64_t C) {
   std::ostringstream s;
   s << "[";
   int64_t shown = 0;
-  for (size_t c = 0; c < bad.size(); ++c) {
+  for (int64_t c = 0; c < C; ++c) {
     if (!bad[c]) continue;
     if (shown == 10) {
       s << ", ...";
@@ -206,7 +194,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_i
   }
   const auto acc = acc_dtype(input);
   const auto acc_options = input.options().dtype(acc);
-  std::vector<char> bad(C, false);  // char, not bool: written by several threads
   if (input.numel() == 0) {  // an empty batch: nothing to normalize, statistics untouched
     return {at::empty_like(input), at::zeros({C}, acc_options), at::zeros({C}, acc_options),
             at::ones({C}, acc_options), at::zeros({C}, input.options().dtype(at::kBool))};
@@ -221,94 +208,94 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_i
     return {with_strides(out, strides), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
   const double n = static_cast<double>(x.numel() / C);
-  auto w = to_double(weight, C, 1.0), b = to_double(bias, C, 0.0);
-  std::vector<double> shift(C), mean_d(C, 0.0), var(C), invstd(C);
-  if (!training) {
-    shift = to_double(running_mean, C, 0.0);
-    var = to_double(running_var, C, 1.0);
-  }
+  // The per-channel results are written where they are returned (the autograd node keeps
+  // them); mean_d and var also in float64 for the running averages.
+  at::Tensor shift_t = at::empty({C}, acc_options), mean_d_t = at::empty({C}, acc_options);
+  at::Tensor invstd_t = at::empty({C}, acc_options);
+  at::Tensor bad_t = at::empty({C}, input.options().dtype(at::kBool));
+  bool* bad = bad_t.data_ptr<bool>();
+  std::unique_ptr<double[]> mean_d(new double[C]), var(new double[C]);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnlab_forward", [&] {
     using acc_t = typename AccType<scalar_t>::type;
     const scalar_t* xp = x.data_ptr<scalar_t>();
+    acc_t* S = shift_t.data_ptr<acc_t>();
+    acc_t* mean_d_out = mean_d_t.data_ptr<acc_t>();
+    acc_t* invstd_out = invstd_t.data_ptr<acc_t>();
+    const ChannelReader<acc_t> w(weight, C, 1.0), b(bias, C, 0.0);
     // Training: one sample per channel, x[0, c, 0, ...], or 0 where that sample is not finite
     // (an inf shift would turn the channel's sums into inf − inf = NaN; torch's mean is inf).
-    std::vector<acc_t> S(C);
-    for (int64_t c = 0; c < C; ++c) {
-      const acc_t sample = static_cast<acc_t>(g.rows ? xp[c] : xp[c * g.L]);
-      S[c] = !training ? static_cast<acc_t>(shift[c]) : std::isfinite(sample) ? sample : acc_t(0);
-      shift[c] = static_cast<double>(S[c]);
+    // Eval (recorded by autograd): the running mean, and the running variance as var.
+    if (training) {
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t sample = static_cast<acc_t>(g.rows ? xp[c] : xp[c * g.L]);
+        S[c] = std::isfinite(sample) ? sample : acc_t(0);
+      }
+    } else {
+      const ChannelReader<acc_t> rm(running_mean, C, 0.0), rv(running_var, C, 1.0);
+      for (int64_t c = 0; c < C; ++c) {
+        S[c] = static_cast<acc_t>(rm[c]);
+        var[c] = rv[c];
+      }
     }
-    // The batch's statistics of channel c from its sums of d = x - shift and d².
-    auto statistics = [&](int64_t c, double s1, double s2) {
-      mean_d[c] = s1 / n;
-      var[c] = s2 / n - mean_d[c] * mean_d[c];
-      if (var[c] < 0.0) var[c] = 0.0;  // rounding; NaN stays NaN (std::max would hide it)
-      bad[c] = !(std::isfinite(mean_d[c]) && std::isfinite(s2));
-    };
-    // out = B·(x − shift) + K: B = w·invstd, K = b − mean_d·w·invstd.
-    auto coefficients = [&](int64_t c) {
-      invstd[c] = 1.0 / std::sqrt(var[c] + eps);
-      return std::array<acc_t, 3>{acc_t(0), static_cast<acc_t>(w[c] * invstd[c]),
-                                  static_cast<acc_t>(b[c] - mean_d[c] * w[c] * invstd[c])};
+    // Channel c: its statistics (training: from s1 = Σd, s2 = Σd²), stored; {0, B, K} of
+    // out = B·(x − shift) + K.
+    auto channel = [&](int64_t c, double s1, double s2) {
+      mean_d[c] = training ? batch_moments(s1, s2, n, var[c]) : 0.0;
+      bad[c] = training && !(std::isfinite(mean_d[c]) && std::isfinite(s2));
+      const ChannelNorm norm = channel_norm(mean_d[c], var[c], eps, w[c], b[c]);
+      mean_d_out[c] = static_cast<acc_t>(mean_d[c]);
+      invstd_out[c] = static_cast<acc_t>(norm.invstd);
+      return std::array<acc_t, 3>{acc_t(0), static_cast<acc_t>(norm.B), static_cast<acc_t>(norm.K)};
     };
     AffineArgs<scalar_t> p;
     p.u = xp;
     p.r = has_residual ? res.data_ptr<scalar_t>() : nullptr;
-    p.shift = S.data();
+    p.shift = S;
     p.out = out.data_ptr<scalar_t>();
     const bool relu = activation == kRelu;
     if (training && by_channel(g, 2 + (has_residual ? 1 : 0), x.element_size())) {  // x, [r], out
-      auto channel = [&](int64_t c, double s1, double s2) {
-        statistics(c, s1, s2);
-        return coefficients(c);
-      };
       with_flags(has_residual, relu, [&](auto res, auto act) {
         sums_then_affine<scalar_t, false, false, false, true, decltype(res)::value, decltype(act)::value, false>(g, p, channel);
       });
       return;
     }
-    std::vector<double> s1(training ? C : 0), s2(training ? C : 0);
-    if (training) {
-      channel_sums<scalar_t, false, false>(g, xp, nullptr, nullptr, S.data(), s1.data(), s2.data());
-    }
-    std::vector<acc_t> B(C), K(C);
+    std::unique_ptr<double[]> s1(new double[training ? C : 0]), s2(new double[training ? C : 0]);
+    if (training) channel_sums<scalar_t, false, false>(g, xp, nullptr, nullptr, S, s1.get(), s2.get());
+    std::unique_ptr<acc_t[]> B(new acc_t[C]), K(new acc_t[C]);
     // (per channel: a square root and divisions in float64; threads share many channels out)
     at::parallel_for(0, C, kChannelGrain, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
-        if (training) statistics(c, s1[c], s2[c]);
-        const auto abk = coefficients(c);
+        const auto abk = channel(c, training ? s1[c] : 0.0, training ? s2[c] : 0.0);
         B[c] = abk[1];
         K[c] = abk[2];
       }
     });
-    p.B = B.data();
-    p.K = K.data();
+    p.B = B.get();
+    p.K = K.get();
     normalize(g, p, has_residual, relu);
   });
   if (training) {
     int64_t bad_count = 0;
     for (int64_t c = 0; c < C; ++c) bad_count += bad[c] ? 1 : 0;
-    std::vector<char> update(C);
-    for (int64_t c = 0; c < C; ++c) {
-      update[c] = nonfinite == kPropagate || (nonfinite == kSkip ? !bad[c] : bad_count == 0);
-    }
-    if (running_mean.has_value() && running_mean->defined()) {
-      std::vector<double> mean(C);
-      for (int64_t c = 0; c < C; ++c) mean[c] = shift[c] + mean_d[c];
-      at::Tensor running = *running_mean;
-      update_running(running, mean, momentum, update);
-    }
+    auto take = [&](int64_t c) {
+      return nonfinite == kPropagate || (nonfinite == kSkip ? !bad[c] : bad_count == 0);
+    };
+    AT_DISPATCH_FLOATING_TYPES(shift_t.scalar_type(), "bnlab_running", [&] {
+      const scalar_t* S = shift_t.data_ptr<scalar_t>();
+      if (running_mean.has_value() && running_mean->defined()) {
+        at::Tensor running = *running_mean;
+        update_running(running, momentum, [&](int64_t c) { return static_cast<double>(S[c]) + mean_d[c]; }, take);
+      }
+    });
     if (running_var.has_value() && running_var->defined()) {
-      std::vector<double> unbiased(C);
-      for (int64_t c = 0; c < C; ++c) unbiased[c] = var[c] * n / std::max(1.0, n - 1.0);
       at::Tensor running = *running_var;
-      update_running(running, unbiased, momentum, update);
+      update_running(running, momentum, [&](int64_t c) { return var[c] * n / std::max(1.0, n - 1.0); }, take);
     }
     // Inside compiled or traced code nothing runs after the operator to read `bad`, so it
     // reports itself: a C++ warning (torch forwards it to Python's warnings where its
     // handler is installed, else logs it) or an error (a Python RuntimeError).
     if (report && bad_count && nonfinite != kPropagate) {
-      const std::string channels = channel_list(bad);
+      const std::string channels = channel_list(bad, C);
       TORCH_CHECK(nonfinite != kRaise, "batch_norm: non-finite batch statistics in channel(s) ",
                   channels, "; running statistics left unchanged (nonfinite='raise')");
       TORCH_WARN("batch_norm: non-finite batch statistics in channel(s) ", channels,
@@ -317,10 +304,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_i
   }
   out = with_strides(out, strides);
   if (!want_stats) return {out, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
-  at::Tensor bad_t = at::empty({C}, input.options().dtype(at::kBool));
-  bool* flags = bad_t.data_ptr<bool>();
-  for (int64_t c = 0; c < C; ++c) flags[c] = bad[c];
-  return {out, vector_tensor(shift, acc), vector_tensor(mean_d, acc), vector_tensor(invstd, acc), bad_t};
+  return {out, shift_t, mean_d_t, invstd_t, bad_t};
 }
 
 }  // namespace

@@ -7,6 +7,7 @@
 #include <array>
 #include <string>
 #include <tuple>
+#include <vector>
 
 namespace bnlab {
 
@@ -51,6 +52,53 @@ std::vector<int64_t> result_strides(const at::Tensor& input, const at::Tensor& g
 at::Tensor with_strides(const at::Tensor& t, c10::IntArrayRef strides);
 at::ScalarType acc_dtype(const at::Tensor& x);                         // float64 for float64, else float32
 std::vector<double> to_double(const c10::optional<at::Tensor>& t, int64_t C, double fill);
-at::Tensor vector_tensor(const std::vector<double>& values, at::ScalarType dtype);
+
+// Whether `t` is a contiguous CPU vector of T (its memory can be read in place).
+template <typename T>
+bool readable_as(const c10::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() && t->is_cpu() &&
+         t->scalar_type() == c10::CppTypeToScalarType<T>::value && t->stride(0) == 1;
+}
+
+// Per-channel values of an optional (C,) tensor as T: the tensor's own memory when it is a
+// contiguous T vector on the CPU (no copy), else a converted copy; `fill` where absent.
+template <typename T>
+class ChannelValues {
+ public:
+  ChannelValues(const c10::optional<at::Tensor>& t, int64_t C, double fill) {
+    if (readable_as<T>(t)) {
+      ptr_ = t->data_ptr<T>();
+      return;
+    }
+    const auto values = to_double(t, C, fill);
+    copy_.assign(values.begin(), values.end());
+    ptr_ = copy_.data();
+  }
+  const T* data() const { return ptr_; }
+
+ private:
+  const T* ptr_ = nullptr;
+  std::vector<T> copy_;
+};
+
+// An optional (C,) tensor's values read as float64: from the tensor's own memory when it is a
+// contiguous CPU tensor of type T (no copy; T to double is exact), else from a float64 copy;
+// `fill` where absent.
+template <typename T>
+class ChannelReader {
+ public:
+  ChannelReader(const c10::optional<at::Tensor>& t, int64_t C, double fill) {
+    if (readable_as<T>(t)) {
+      own_ = t->data_ptr<T>();
+    } else {
+      copy_ = to_double(t, C, fill);
+    }
+  }
+  double operator[](int64_t c) const { return own_ ? static_cast<double>(own_[c]) : copy_[c]; }
+
+ private:
+  const T* own_ = nullptr;
+  std::vector<double> copy_;
+};
 
 }  // namespace bnlab
