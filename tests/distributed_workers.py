@@ -63,19 +63,23 @@ def sync_bn_worker(rank: int, world: int, sizes: list[int], seed: int, out_dir: 
 
 
 def sync_bn_expect_error(rank: int, world: int, out_dir: str) -> None:
-    """A global batch of one value per channel must fail on every rank, not hang."""
+    """Batches SyncBatchNorm refuses must fail on every rank, not hang, and not be counted:
+    a global batch of one value per channel, and a NaN (on rank 0 only) under 'raise'."""
     from bnlab.nn import SyncBatchNorm
 
     with _group(rank, world, out_dir):
-        bn = SyncBatchNorm(2)
-        local = torch.randn(1 if rank == 0 else 0, 2)
-        try:
-            bn(local)
-            message = "no error"
-        except ValueError as error:
-            message = str(error)
+        bn = SyncBatchNorm(2, nonfinite="raise")
+        messages = []
+        nan = torch.tensor([[float("nan"), 0.0]]) if rank == 0 else torch.zeros(0, 2)
+        for local in (torch.randn(1 if rank == 0 else 0, 2), torch.cat([torch.randn(3, 2), nan])):
+            try:
+                bn(local)
+                messages.append("no error")
+            except (ValueError, FloatingPointError) as error:
+                messages.append(f"{type(error).__name__}: {error}")
+        messages.append(f"counted {int(bn.num_batches_tracked)}")
         with open(f"{out_dir}/rank{rank}.txt", "w") as handle:
-            handle.write(message)
+            handle.write("\n".join(messages))
 
 
 def sync_bn_foreign_group(rank: int, world: int, out_dir: str) -> None:

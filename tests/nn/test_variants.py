@@ -105,3 +105,65 @@ def test_batch_renorm_schedule():
 def test_batch_renorm_rejects_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         bnn.BatchRenorm2d(3, **kwargs)
+
+
+VARIANTS = {
+    "ghost": lambda **kw: bnn.GhostBatchNorm2d(2, virtual_batch_size=2, **kw),
+    "renorm": lambda **kw: bnn.BatchRenorm2d(2, warmup_steps=0, r_max_step=1, d_max_step=1, **kw),
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_variants_do_not_count_refused_batches(variant):
+    """As for BatchNorm: a batch refused by nonfinite='raise' or by the one-value check leaves
+    num_batches_tracked (and Batch Renorm's schedule) where it was."""
+    layer = VARIANTS[variant](nonfinite="raise")
+    x = torch.randn(4, 2, 3, 3)
+    x[1, 0, 0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"channel\(s\) \[0\]"):
+        layer(x)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        layer(torch.randn(1, 2, 1, 1))
+    assert int(layer.num_batches_tracked) == 0
+    torch.testing.assert_close(layer.running_mean, torch.zeros(2))
+    torch.testing.assert_close(layer.running_var, torch.ones(2))
+    layer(torch.randn(4, 2, 3, 3))
+    assert int(layer.num_batches_tracked) == 1
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_variants_pass_an_empty_batch_as_torch_batchnorm_does(variant):
+    layer, torch_bn = VARIANTS[variant](), torch.nn.BatchNorm2d(2)
+    x = torch.randn(0, 2, 3, 3, requires_grad=True)
+    out = layer(x)
+    want = torch_bn(x)
+    assert out.shape == want.shape == (0, 2, 3, 3)
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+    assert int(layer.num_batches_tracked) == int(torch_bn.num_batches_tracked)
+    torch.testing.assert_close(layer.running_mean, torch_bn.running_mean)
+    torch.testing.assert_close(layer.running_var, torch_bn.running_var)
+
+
+def test_batch_renorm_compiles_once_for_every_step():
+    """The schedule is computed from num_batches_tracked as a tensor: compiled code does not
+    specialize on the step (it recompiled at every step when the step was read as an int)."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    eager = bnn.BatchRenorm2d(2, warmup_steps=1, r_max_step=5, d_max_step=5)
+    compiled_layer = bnn.BatchRenorm2d(2, warmup_steps=1, r_max_step=5, d_max_step=5)
+    compiled = torch.compile(compiled_layer, backend=backend)
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(4, 2, 3, 3, generator=gen) * 2 + 1 for _ in range(7)]
+    for step, x in enumerate(batches):
+        torch.testing.assert_close(compiled(x), eager(x))
+        if step == 0:
+            first = len(graphs)
+    assert len(graphs) == first, f"recompiled: {first} graphs after one step, {len(graphs)} after seven"  # fmt: skip
+    assert eager.limits() == compiled_layer.limits() == (3.0, 5.0)
+    torch.testing.assert_close(compiled_layer.running_var, eager.running_var)

@@ -168,9 +168,8 @@ class SyncBatchNorm(_BatchNorm):
             return super().forward(input)
         self._check_input(input)
         momentum = self._averaging_factor()
-        self._count_batch()
         running = (self.running_mean, self.running_var) if self.track_running_stats else (None, None)  # fmt: skip
-        return _SyncBatchNormFunction.apply(
+        out = _SyncBatchNormFunction.apply(
             input,
             self.weight,
             self.bias,
@@ -180,6 +179,8 @@ class SyncBatchNorm(_BatchNorm):
             self.process_group,
             self.nonfinite,
         )
+        self._count_batch()  # once accepted: a batch refused by 'raise' is not counted
+        return out
 
 
 __all__ = ["SyncBatchNorm"]

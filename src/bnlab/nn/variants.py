@@ -41,11 +41,10 @@ class _GhostBatchNorm(_BatchNorm):
         return f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}"
 
     def forward(self, input: Tensor) -> Tensor:
-        if not self.training:
+        if not self.training or input.shape[0] == 0:  # (an empty batch: as BatchNorm)
             return super().forward(input)
         self._check_input(input)
         momentum = self._averaging_factor()
-        self._count_batch()
         n, size = input.shape[0], self.virtual_batch_size
         per_sample = input[0].numel() // input.shape[1] if n else 0
         if n * per_sample < 2:
@@ -66,6 +65,7 @@ class _GhostBatchNorm(_BatchNorm):
                 variances.detach().mean(0), 0, momentum, self.nonfinite, correction=False,
             )  # fmt: skip
         x_hat = torch.cat([out.reshape(-1, *input.shape[1:]) for out, _, _ in results])
+        self._count_batch()  # once accepted: a batch refused above is not counted
         return _affine(x_hat, self.weight, self.bias).to(input.dtype)
 
     def _normalize_groups(self, groups: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -128,12 +128,17 @@ class _BatchRenorm(_BatchNorm):
 
     def limits(self) -> tuple[float, float]:
         """The current ``(r_max, d_max)`` of the schedule, at step ``num_batches_tracked``."""
-        step = int(self.num_batches_tracked)
-        if step <= self.warmup_steps:
-            return 1.0, 0.0
+        r_max, d_max = self._limits(self.num_batches_tracked)
+        return float(r_max), float(d_max)
 
-        def ramp(final_step: int) -> float:
-            return min(1.0, (step - self.warmup_steps) / max(1, final_step - self.warmup_steps))
+    def _limits(self, step: Tensor) -> tuple[Tensor, Tensor]:
+        """``(r_max, d_max)`` at ``step`` (a tensor, so compiled code neither reads it on the
+        host nor recompiles as it grows): 1 and 0 up to ``warmup_steps``, then rising
+        linearly to ``r_max`` at ``r_max_step`` and ``d_max`` at ``d_max_step``."""
+        step = step.to(torch.float64)
+
+        def ramp(final_step: int) -> Tensor:
+            return ((step - self.warmup_steps) / max(1, final_step - self.warmup_steps)).clamp(0.0, 1.0)  # fmt: skip
 
         return 1.0 + (self.r_max - 1.0) * ramp(self.r_max_step), self.d_max * ramp(self.d_max_step)
 
@@ -141,22 +146,23 @@ class _BatchRenorm(_BatchNorm):
         return f"{super().extra_repr()}, r_max={self.r_max}, d_max={self.d_max}, warmup_steps={self.warmup_steps}"  # fmt: skip
 
     def forward(self, input: Tensor) -> Tensor:
-        if not self.training:
+        if not self.training or input.shape[0] == 0:  # (an empty batch: as BatchNorm)
             return super().forward(input)
         self._check_input(input)
-        self._count_batch()  # counts the step
         if input.numel() // input.shape[1] < 2:
             raise ValueError(f"input: Expected more than 1 value per channel when training, got input size {input.shape}")  # fmt: skip
-        r_max, d_max = self.limits()
+        r_max, d_max = self._limits(self.num_batches_tracked + 1)  # this batch's step
         acc = torch.float64 if input.dtype == torch.float64 else torch.float32
         x = input.to(acc)
         shift, mean_d, var = F.batch_stats(x)
         mean, std = shift + mean_d, torch.sqrt(var + self.eps)
         sigma = torch.sqrt(self.running_var.to(acc) + self.eps)
-        r = (std.detach() / sigma).clamp(1.0 / r_max, r_max)
-        d = ((mean.detach() - self.running_mean.to(acc)) / sigma).clamp(-d_max, d_max)
+        r_max, d_max = r_max.to(acc), d_max.to(acc)
+        r = torch.clamp(std.detach() / sigma, 1.0 / r_max, r_max)
+        d = torch.clamp((mean.detach() - self.running_mean.to(acc)) / sigma, -d_max, d_max)
         x_hat = (x - F.per_channel(mean, x)) * F.per_channel(r / std, x) + F.per_channel(d, x)
         self._update(mean.detach(), std.detach(), sigma)
+        self._count_batch()  # the step, once accepted: a batch refused above is not counted
         return _affine(x_hat, self.weight, self.bias).to(input.dtype)
 
     @torch.no_grad()
