@@ -131,6 +131,8 @@ MUTANTS: list[Mutant] = [
     Mutant("cpp-inference-ignores-strides", "src/bnlab/kernels/cpu/kernels.h", "t->scalar_type() == c10::CppTypeToScalarType<T>::value && t->stride(0) == 1;", "t->scalar_type() == c10::CppTypeToScalarType<T>::value;", ("tests/kernels/test_kernels.py",)),
     Mutant("cpp-module-counts-refused-batch", "src/bnlab/kernels/cpu/ops.cpp", "if (counter && !(bad.has_value() && nonfinite == bnlab::kRaise)) {", "if (counter) {", ("tests/nn/test_batchnorm.py",)),
     Mutant("cpp-module-cumulative-off-by-one", "src/bnlab/kernels/cpu/ops.cpp", "(counter ? 1.0 / double(*counter + 1) : 0.0)", "(counter ? 1.0 / double(*counter + 2) : 0.0)", ("tests/nn/test_batchnorm.py",)),
+    Mutant("composite-jvp-frozen-statistics", "src/bnlab/kernels/composite.py", "dx = dx - dx.mean(dims, keepdim=True) - x_hat * (x_hat * dx).mean(dims, keepdim=True)", "dx = dx - dx.mean(dims, keepdim=True)", ("tests/test_operator.py",)),
+    Mutant("functional-forward-ad-unrouted", "src/bnlab/functional.py", "return _forward_ad._current_level >= 0", "return _forward_ad._current_level > 0", ("tests/test_operator.py",)),
     Mutant("cpp-module-eval-batch-stats", "src/bnlab/kernels/cpu/ops.cpp", "const bool batch_stats = training || !running_mean.has_value();", "const bool batch_stats = training || running_mean.has_value();", ("tests/nn/test_batchnorm.py",)),
 ]
 # fmt: on

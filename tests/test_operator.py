@@ -2,7 +2,8 @@
 
 In-place ops on outputs, eval with grad enabled, torch.compile (zero graph breaks, training
 and eval), torch.export, jit.trace (the operator is recorded, new inputs give right answers),
-jit.script (a clear error), torch.func (grad, vmap, functional_call), save/load, and the
+jit.script (a clear error), torch.func (grad, vmap, functional_call, jvp, jacfwd, hessian),
+forward-mode AD, save/load, and the
 non-finite guard inside compiled code. Truth: torch's own BatchNorm from identical weights.
 """
 
@@ -226,6 +227,48 @@ def test_vmap_refuses_unbatched_running_stats_in_training_like_torch():
             torch.func.vmap(module)(x)
 
 
+def _eval_pair(**kwargs):
+    ours, theirs = _pair(**kwargs)
+    with torch.no_grad():
+        ours.running_mean.uniform_(-1, 1), ours.running_var.uniform_(0.5, 2)
+    theirs.load_state_dict(ours.state_dict())
+    return ours.eval(), theirs.eval()
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_forward_mode_matches_torch(mode):
+    """torch.func.jvp, jacfwd, hessian (forward over reverse) and functional_call's parameter
+    tangents, through a module (training without running statistics: torch.func refuses
+    their in-place update, for torch's BatchNorm too)."""
+    ours, theirs = _pair(track_running_stats=False) if mode == "train" else _eval_pair()
+    x, v = _input(), _input(seed=3)
+    for (out_a, tan_a), (out_b, tan_b) in [(torch.func.jvp(m, (x,), (v,)) for m in (ours, theirs))]:  # fmt: skip
+        _close(out_a, out_b), _close(tan_a, tan_b)
+    small = x[:2, :, :3, :3]
+    _close(torch.func.jacfwd(ours)(small), torch.func.jacfwd(theirs)(small))
+    _close(*(torch.func.hessian(lambda inp, m=m: m(inp).pow(3).sum())(small[:, :, :2, :2].contiguous()) for m in (ours, theirs)))  # fmt: skip
+    params = {"weight": torch.full((6,), 2.0), "bias": torch.full((6,), -1.0)}
+    tangents = {"weight": torch.linspace(-1, 1, 6), "bias": torch.linspace(0, 1, 6)}
+    _close(*(torch.func.jvp(lambda p, m=m: torch.func.functional_call(m, p, (x,)), (params,), (tangents,))[1] for m in (ours, theirs)))  # fmt: skip
+
+
+def test_forward_ad_dual_tensors_match_torch():
+    """torch.autograd.forward_ad in eager code, through a torchvision-style block in training
+    (running statistics updated as usual) and channels_last input."""
+    import torch.autograd.forward_ad as fwAD
+
+    ours, theirs = _blocks()
+    x = _input((4, 6, 5, 5)).contiguous(memory_format=torch.channels_last)
+    v = _input((4, 6, 5, 5), seed=4)
+    results = []
+    for model in (ours, theirs):
+        with fwAD.dual_level():
+            out = fwAD.unpack_dual(model(fwAD.make_dual(x, v)))
+        results.append((out.primal, out.tangent, model.bn1.running_var.clone()))
+    for a, b in zip(*results, strict=True):
+        _close(a, b)
+
+
 def test_save_and_load_with_torch_checkpoints():
     ours, theirs = _blocks()
     buffer = io.BytesIO()
@@ -275,3 +318,24 @@ def test_traced_model_loads_in_a_fresh_process_after_loading_the_operators(tmp_p
     )
     assert done.returncode == 0, done.stderr[-2000:]
     _close(torch.load(tmp_path / "y.pt"), theirs(x))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_fused_forward_mode_matches_torch(training):
+    """jvp of act(bn(x) + residual) in every tangent: input, weight, bias, residual."""
+    from bnlab import functional
+
+    gen = torch.Generator().manual_seed(5)
+    x, r, *tangents = (torch.randn(4, 6, 3, 3, generator=gen, dtype=torch.float64) for _ in range(4))  # fmt: skip
+    w, b, tw, tb = (torch.randn(6, generator=gen, dtype=torch.float64) for _ in range(4))
+    rm, rv = torch.zeros(6, dtype=torch.float64), torch.full((6,), 2.0, dtype=torch.float64)
+
+    def ours(x, w, b, r):
+        return functional.batch_norm(x, None if training else rm, None if training else rv, w, b, training, residual=r, activation="relu")  # fmt: skip
+
+    def theirs(x, w, b, r):
+        return torch.relu(nn.functional.batch_norm(x, None if training else rm, None if training else rv, w, b, training) + r)  # fmt: skip
+
+    primals, directions = (x, w, b, r), (tangents[0], tw, tb, tangents[1])
+    for a, b_ in zip(torch.func.jvp(ours, primals, directions), torch.func.jvp(theirs, primals, directions), strict=True):  # fmt: skip
+        torch.testing.assert_close(a, b_)

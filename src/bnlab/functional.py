@@ -31,8 +31,11 @@ otherwise logged to stderr) or a ``RuntimeError`` for 'raise'.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad as _forward_ad
 
 from bnlab import kernels
 from bnlab.kernels import composite
@@ -106,8 +109,11 @@ def check_batch_norm_args(
             "running_mean, running_var: expected tensors in evaluation mode (training=False), "
             "got None"
         )
-    if not isinstance(eps, (int, float)) or not eps > 0:
-        raise ValueError(f"eps: expected a positive number, got {eps!r}")
+    if (running_mean is None) != (running_var is None):
+        given = "running_var" if running_mean is None else "running_mean"
+        raise ValueError(f"running_mean, running_var: expected both or neither, got only {given}")
+    if not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
+        raise ValueError(f"eps: expected a positive finite number, got {eps!r}")
     if not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
         raise ValueError(f"momentum: expected a number in [0, 1], got {momentum!r}")
     if training and not torch.jit.is_tracing() and input.numel() > 0 and input.numel() // input.shape[1] == 1:  # fmt: skip
@@ -194,9 +200,15 @@ def _report(bad: Tensor, policy: int) -> None:
         composite.report_nonfinite(bad, policy)
 
 
+def _forward_ad_active() -> bool:
+    """Whether forward-mode AD (``torch.autograd.forward_ad.dual_level``) is on."""
+    return _forward_ad._current_level >= 0
+
+
 def _transforms_active() -> bool:
-    """Whether a torch.func transform (grad, vmap, ...) is running this call."""
-    return torch._C._are_functorch_transforms_active()
+    """Whether a torch.func transform (grad, vmap, jvp, ...) or forward-mode AD is running
+    this call: the Python Function serves it."""
+    return torch._C._are_functorch_transforms_active() or _forward_ad_active()
 
 
 def _traced_or_transformed() -> bool:
@@ -205,7 +217,7 @@ def _traced_or_transformed() -> bool:
     return (
         torch.compiler.is_compiling()
         or torch._C._get_tracing_state() is not None
-        or torch._C._are_functorch_transforms_active()
+        or _transforms_active()
     )
 
 

@@ -201,13 +201,22 @@ def test_batch_of_one_is_fine_in_eval():
     [
         ({"num_features": 0}, "num_features: expected a positive integer, got 0"),
         ({"num_features": 2.5}, "num_features: expected a positive integer, got 2.5"),
-        ({"num_features": 3, "eps": 0}, "eps: expected a positive number, got 0"),
+        ({"num_features": 3, "eps": 0}, "eps: expected a positive finite number, got 0"),
+        ({"num_features": 3, "eps": float("inf")}, "eps: expected a positive finite number, got inf"),
         ({"num_features": 3, "momentum": 2.0}, r"momentum: expected None or a number in \[0, 1\], got 2.0"),
+        ({"num_features": 3, "nonfinite": "ignore"}, r"nonfinite: expected one of \('skip', 'raise', 'propagate'\), got 'ignore'"),
     ],
 )  # fmt: skip
 def test_bad_constructor_arguments_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
         bnn.BatchNorm2d(**kwargs)
+
+
+def test_an_integer_dtype_is_named():
+    with pytest.raises(
+        TypeError, match=r"dtype: expected a floating-point dtype .* got torch.int32"
+    ):
+        bnn.BatchNorm2d(4, dtype=torch.int32)
 
 
 def test_a_refused_batch_is_not_counted():
@@ -280,11 +289,11 @@ def test_counting_a_batch_bumps_the_version_as_torch_does():
     assert int(ours.num_batches_tracked) == int(theirs.num_batches_tracked) == 1
 
 
-@pytest.mark.parametrize(("name", "value", "match"), [("eps", 0.0, "eps: expected a positive number, got 0.0"), ("eps", -1.0, "eps: expected a positive number"), ("momentum", 2.0, r"momentum: expected None or a number in \[0, 1\], got 2.0"), ("momentum", "0.1", "momentum: expected None or a number")])  # fmt: skip
+@pytest.mark.parametrize(("name", "value", "match"), [("eps", 0.0, "eps: expected a positive finite number, got 0.0"), ("eps", -1.0, "eps: expected a positive finite number"), ("eps", float("inf"), "eps: expected a positive finite number, got inf"), ("momentum", 2.0, r"momentum: expected None or a number in \[0, 1\], got 2.0"), ("momentum", "0.1", "momentum: expected None or a number"), ("nonfinite", "bogus", "nonfinite: expected one of .* got 'bogus'")])  # fmt: skip
 def test_hyperparameters_set_after_construction_are_checked(name, value, match):
-    """eps and momentum are plain attributes: a value set later is checked at the call, as
-    the constructor checks it (eps = 0 would give NaN, eps < 0 garbage)."""
-    for module in (bnn.BatchNorm2d(2), bnn.BatchNormAct2d(2)):
+    """eps, momentum and nonfinite are plain attributes: a value set later is checked at the
+    call, as the constructor checks it (eps = 0 would give NaN, eps < 0 garbage)."""
+    for module in (bnn.BatchNorm2d(2), bnn.BatchNormAct2d(2), bnn.GhostBatchNorm2d(2, 2), bnn.BatchRenorm2d(2)):  # fmt: skip
         setattr(module, name, value)
         with pytest.raises(ValueError, match=match):
             module(torch.randn(3, 2, 2, 2))

@@ -67,6 +67,23 @@ def test_convert_and_revert_keep_state_and_classes():
         assert torch.equal(state[key], value), key
 
 
+def test_convert_takes_torchs_sync_batchnorm_and_reverts_to_it():
+    """torch.nn.SyncBatchNorm (e.g. from torch's own convert_sync_batchnorm) becomes bnlab's,
+    keeping its state and process group, and reverts to torch's class."""
+    group = object()  # (a stand-in: only carried over, not used in one process)
+    theirs = torch.nn.SyncBatchNorm(4, momentum=0.2, process_group=group)
+    with torch.no_grad():
+        theirs.running_mean.uniform_(), theirs.weight.uniform_()
+    state = {k: v.clone() for k, v in theirs.state_dict().items()}
+    ours = bnn.convert_sync_batchnorm(torch.nn.Sequential(theirs))[0]
+    assert type(ours) is bnn.SyncBatchNorm and ours.process_group is group
+    assert ours.momentum == 0.2
+    for key, value in state.items():
+        assert torch.equal(ours.state_dict()[key], value), key
+    back = bnn.revert_sync_batchnorm(torch.nn.Sequential(ours))[0]
+    assert type(back) is torch.nn.SyncBatchNorm and back.process_group is group
+
+
 def test_a_rank_outside_the_process_group_gets_a_clear_error(tmp_path):
     mp.start_processes(sync_bn_foreign_group, args=(2, str(tmp_path)), nprocs=2, start_method="spawn")  # fmt: skip
     message = (tmp_path / "rank1.txt").read_text()

@@ -166,6 +166,15 @@ def test_bad_arrays_are_named():
         batchnorm_forward(x[:1], gamma, beta, {"mode": "train"})
     with pytest.raises(ValueError, match=r"x: expected a 4-d array of shape \(N, C, H, W\)"):
         spatial_batchnorm_forward(x, gamma, beta, {"mode": "train"})
+    with pytest.raises(
+        TypeError, match=r"x: expected a NumPy array, got torch.Tensor .*t.numpy\(\)"
+    ):
+        batchnorm_forward(torch.from_numpy(x), gamma, beta, {"mode": "train"})
+    with pytest.raises(TypeError, match="gamma: expected a NumPy array, got torch"):
+        batchnorm_forward(x, torch.from_numpy(gamma), beta, {"mode": "train"})
+    out, cache = batchnorm_forward(x, gamma, beta, {"mode": "train"})
+    with pytest.raises(TypeError, match="dout: expected a NumPy array, got torch"):
+        batchnorm_backward(torch.from_numpy(out), cache)
     with pytest.raises(ValueError, match="batch_size: expected an integer >= 2"):
         population_statistics(np.zeros((2, 3)), np.zeros((2, 3)), 1)
     with pytest.raises(ValueError, match="eps: expected a positive number"):

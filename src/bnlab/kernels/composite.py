@@ -182,6 +182,34 @@ def backward(grad_out, input, weight, output, shift, mean_d, invstd, training, a
     )
 
 
+def forward_tangent(input, weight, output, shift, mean_d, invstd, training, activation,
+                    input_t, weight_t, bias_t, residual_t) -> Tensor:  # fmt: skip
+    """The output's forward-mode derivative (jvp) for tangents of input, weight, bias and
+    residual (None: zero), from the forward's results:
+    ``ẋ̂ = invstd·(ẋ − mean(ẋ) − x̂·mean(x̂·ẋ))`` in training (the batch statistics move with
+    x), ``invstd·ẋ`` in evaluation; ``ẏ = (ẋ̂·w + x̂·ẇ + ḃ + ṙ)·[output > 0 past a ReLU]``."""
+    acc = compute_dtype(input.dtype)
+    xa = input.to(acc)
+    x_hat = (xa - per_channel(shift, xa) - per_channel(mean_d, xa)) * per_channel(invstd, xa)
+    tangent = torch.zeros_like(x_hat)
+    if input_t is not None:
+        dx = input_t.to(acc)
+        if training:
+            dims = reduce_dims(xa)
+            dx = dx - dx.mean(dims, keepdim=True) - x_hat * (x_hat * dx).mean(dims, keepdim=True)
+        gain = invstd if weight is None else invstd * weight.to(acc)
+        tangent = dx * per_channel(gain, xa)
+    if weight_t is not None:
+        tangent = tangent + x_hat * per_channel(weight_t.to(acc), xa)
+    if bias_t is not None:
+        tangent = tangent + per_channel(bias_t.to(acc), xa)
+    if residual_t is not None:
+        tangent = tangent + residual_t.to(acc)
+    if activation == RELU:
+        tangent = tangent * (output > 0)
+    return in_result_layout(tangent.to(output.dtype), output.stride())
+
+
 def backward_graph(grad_out, input, weight, output, shift, mean_d, invstd, training, eps, activation, output_mask):  # fmt: skip
     """The ``bnlab::batch_norm_backward_graph`` operator: :func:`backward` with the statistics'
     own dependence on the input in the graph."""

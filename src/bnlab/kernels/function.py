@@ -2,7 +2,8 @@
 
 The C++ autograd node behind ``torch.ops.bnlab.batch_norm`` serves eager mode,
 torch.compile, torch.export and jit.trace. ``torch.func`` transforms (grad, vjp, jacrev,
-vmap) need a Python Function with ``setup_context`` and a batching rule: this one. It runs
+vmap, jvp, jacfwd) and forward-mode AD need a Python Function with ``setup_context``, a
+batching rule and a ``jvp``: this one. It runs
 either the kernel operators or, where there are none, the composite torch implementation.
 """
 
@@ -50,6 +51,7 @@ class BatchNormFunction(torch.autograd.Function):
         out, bad, shift, mean_d, invstd = output
         ctx.mark_non_differentiable(bad, shift, mean_d, invstd)
         ctx.save_for_backward(input, weight, out if activation == RELU else None, shift, mean_d, invstd)  # fmt: skip
+        ctx.save_for_forward(input, weight, out, shift, mean_d, invstd)
         ctx.training, ctx.eps, ctx.activation, ctx.impl = training, eps, activation, impl
         ctx.param_dtypes = tuple(None if p is None else p.dtype for p in (weight, bias))
         ctx.has_residual = residual is not None
@@ -74,6 +76,15 @@ class BatchNormFunction(torch.autograd.Function):
             grad_residual if mask[3] else None,
             *_NO_GRADS,
         )
+
+    @staticmethod
+    def jvp(ctx, input_t, weight_t, bias_t, residual_t, *_):
+        """Forward mode (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad): the
+        output's tangent; the other results are not differentiable."""
+        input, weight, out, shift, mean_d, invstd = ctx.saved_tensors
+        tangent = composite.forward_tangent(input, weight, out, shift, mean_d, invstd, ctx.training,
+                                            ctx.activation, input_t, weight_t, bias_t, residual_t)  # fmt: skip
+        return tangent, None, None, None, None
 
     @staticmethod
     def vmap(info, in_dims, input, weight, bias, residual, running_mean, running_var, training, momentum, eps, activation, nonfinite, report, impl):  # fmt: skip

@@ -8,6 +8,7 @@ batch statistic, and ``momentum=None`` means a cumulative average over
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import torch
@@ -55,9 +56,9 @@ class _NormBase(nn.Module):
         bias: bool = True,
         nonfinite: str = "skip",
     ) -> None:
-        _check_hyperparameters(num_features, eps, momentum)
-        if nonfinite not in F.NONFINITE_POLICIES:
-            raise ValueError(f"nonfinite: expected one of {F.NONFINITE_POLICIES}, got {nonfinite!r}")  # fmt: skip
+        _check_hyperparameters(num_features, eps, momentum, nonfinite)
+        if dtype is not None and dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"dtype: expected a floating-point dtype ({', '.join(map(str, _FLOAT_DTYPES))}) or None, got {dtype}")  # fmt: skip
         factory = {"device": device, "dtype": dtype}
         super().__init__()
         self.num_features = num_features
@@ -121,6 +122,11 @@ class _NormBase(nn.Module):
             "with torch's BatchNorm."
         )
 
+    def _check_settings(self) -> None:
+        """Raise, naming it, if eps, momentum or nonfinite was set to a bad value after
+        construction (they are plain attributes, as in torch)."""
+        _check_hyperparameters(self.num_features, self.eps, self.momentum, self.nonfinite)
+
     def _check_input(self, input: Tensor, residual: Tensor | None = None) -> None:
         """Raise, naming what is wrong, unless ``input`` (and ``residual``) fit this module
         (rank, dtype, device, channels). One cheap test first."""
@@ -165,11 +171,13 @@ class _NormBase(nn.Module):
         )
 
 
-def _check_hyperparameters(num_features: int, eps: float, momentum: float | None) -> None:
+def _check_hyperparameters(num_features: int, eps: float, momentum: float | None, nonfinite: str) -> None:  # fmt: skip
     if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
         raise ValueError(f"num_features: expected a positive integer, got {num_features!r}")
-    if not isinstance(eps, (int, float)) or not eps > 0:
-        raise ValueError(f"eps: expected a positive number, got {eps!r}")
+    if not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
+        raise ValueError(f"eps: expected a positive finite number, got {eps!r}")
+    if nonfinite not in F.NONFINITE_POLICIES:
+        raise ValueError(f"nonfinite: expected one of {F.NONFINITE_POLICIES}, got {nonfinite!r}")
     if momentum is not None and (
         not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0
     ):
@@ -203,7 +211,7 @@ class _BatchNorm(_NormBase):
             # The common case, eager on the CPU: the rules below, the input checks and the
             # kernel in one C++ call (inside a model every Python line runs with cold caches).
             params, buffers = self._parameters, self._buffers
-            policy = F._POLICY_CODES[self.nonfinite]
+            policy = F._POLICY_CODES.get(self.nonfinite, -1)  # (-1: C++ sends it back here)
             try:
                 out, bad = eager(input, params["weight"], params["bias"], residual,
                                  buffers["running_mean"], buffers["running_var"],
@@ -223,8 +231,7 @@ class _BatchNorm(_NormBase):
         """:meth:`_normalize` in Python: compiled, traced or transformed calls, other devices,
         and the inputs that the C++ entry sends back (whose errors are raised here)."""
         self._check_input(input, residual)
-        # eps and momentum are plain attributes: a value set after construction is checked here
-        _check_hyperparameters(self.num_features, self.eps, self.momentum)
+        self._check_settings()
         for name in ("running_mean", "running_var", "weight", "bias"):  # (replaced by hand)
             value = getattr(self, name)
             if value is not None and value.dtype not in F._FLOAT_DTYPES:

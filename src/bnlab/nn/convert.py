@@ -211,12 +211,16 @@ def _revert(module: nn.Module, name: str, left: list[str]) -> nn.Module:
 # Exactly these classes become SyncBatchNorm: a subclass with its own forward (Ghost BN, Batch
 # Renorm, BN+act, a user's) would lose its behaviour as a SyncBatchNorm, so it is left as it is.
 def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
-    """Replace every BatchNorm1d/2d/3d (bnlab's or torch's) by bnlab's :class:`SyncBatchNorm`,
-    keeping parameters, buffers and mode; :func:`revert_sync_batchnorm` restores the original
-    classes. Subclasses with their own behaviour (Ghost BN, Batch Renorm, ...) are left."""
-    if _exactly(module, "torch") or _exactly(module, "bnlab"):
+    """Replace every BatchNorm1d/2d/3d (bnlab's or torch's) and torch's SyncBatchNorm by
+    bnlab's :class:`SyncBatchNorm`, keeping parameters, buffers, mode (and a torch
+    SyncBatchNorm's process group unless ``process_group`` is given);
+    :func:`revert_sync_batchnorm` restores the original classes. Subclasses with their own
+    behaviour (Ghost BN, Batch Renorm, ...) are left."""
+    torch_sync = type(module) is nn.SyncBatchNorm
+    if _exactly(module, "torch") or _exactly(module, "bnlab") or torch_sync:
         nonfinite = getattr(module, "nonfinite", "skip")
-        sync = SyncBatchNorm(*_hyper(module), process_group, **_factory(module), bias=_has_bias(module), nonfinite=nonfinite)  # fmt: skip
+        group = module.process_group if torch_sync and process_group is None else process_group
+        sync = SyncBatchNorm(*_hyper(module), group, **_factory(module), bias=_has_bias(module), nonfinite=nonfinite)  # fmt: skip
         sync._reverts_to = type(module)
         return _move_state(module, sync)
     for name, child in module.named_children():

@@ -167,6 +167,7 @@ class SyncBatchNorm(_BatchNorm):
         if not self.training or not _distributed(group):
             return super().forward(input)
         self._check_input(input)
+        self._check_settings()
         momentum = self._averaging_factor()
         running = (self.running_mean, self.running_var) if self.track_running_stats else (None, None)  # fmt: skip
         out = _SyncBatchNormFunction.apply(

@@ -44,6 +44,7 @@ class _GhostBatchNorm(_BatchNorm):
         if not self.training or input.shape[0] == 0:  # (an empty batch: as BatchNorm)
             return super().forward(input)
         self._check_input(input)
+        self._check_settings()
         momentum = self._averaging_factor()
         n, size = input.shape[0], self.virtual_batch_size
         per_sample = input[0].numel() // input.shape[1] if n else 0
@@ -149,6 +150,7 @@ class _BatchRenorm(_BatchNorm):
         if not self.training or input.shape[0] == 0:  # (an empty batch: as BatchNorm)
             return super().forward(input)
         self._check_input(input)
+        self._check_settings()
         if input.numel() // input.shape[1] < 2:
             raise ValueError(f"input: Expected more than 1 value per channel when training, got input size {input.shape}")  # fmt: skip
         r_max, d_max = self._limits(self.num_batches_tracked + 1)  # this batch's step

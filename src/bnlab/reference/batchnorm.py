@@ -37,7 +37,20 @@ def _check_bn_param(bn_param: dict[str, Any]) -> tuple[str, float, float]:
     return mode, eps, momentum
 
 
+def _check_arrays(**arrays) -> None:
+    """Raise, naming it, for a torch tensor among the arguments: the reference takes NumPy
+    arrays (a tensor's dtype is not one NumPy understands)."""
+    for name, value in arrays.items():
+        if type(value).__module__.startswith("torch"):
+            raise TypeError(
+                f"{name}: expected a NumPy array, got {type(value).__module__}.{type(value).__name__} "
+                "(the NumPy reference takes arrays: pass t.numpy(); for tensors use "
+                "bnlab.functional.batch_norm)"
+            )
+
+
 def _check_inputs(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray) -> int:
+    _check_arrays(x=x, gamma=gamma, beta=beta)
     x = np.asarray(x)
     if x.ndim != 2:
         raise ValueError(f"x: expected a 2-d array of shape (N, D), got shape {x.shape}")
@@ -112,6 +125,7 @@ def batchnorm_backward(dout: np.ndarray, cache: tuple) -> tuple[np.ndarray, ...]
 
     Returns ``(dx, dgamma, dbeta)``, each with the shape of its forward counterpart.
     """
+    _check_arrays(dout=dout)
     mode, x_hat, xmu, ivar, sqrtvar, var, eps, gamma = cache
     dbeta = dout.sum(axis=0)
     dgamma = (dout * x_hat).sum(axis=0)
@@ -140,6 +154,7 @@ def batchnorm_backward_alt(dout: np.ndarray, cache: tuple) -> tuple[np.ndarray, 
     ``dx = gamma / sigma * (dout - mean(dout) - x_hat * mean(dout * x_hat))``,
     with ``sigma = sqrt(var_B + eps)`` and means over the batch.
     """
+    _check_arrays(dout=dout)
     mode, x_hat, _, ivar, _, _, _, gamma = cache
     dbeta = dout.sum(axis=0)
     dgamma = (dout * x_hat).sum(axis=0)
@@ -162,6 +177,7 @@ def _from_rows(rows: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def _check_nchw(name: str, x: np.ndarray) -> None:
+    _check_arrays(**{name: x})
     if np.ndim(x) != 4:
         raise ValueError(f"{name}: expected a 4-d array of shape (N, C, H, W), got {np.shape(x)}")
 

@@ -19,6 +19,7 @@
 #include "pool.h"
 
 #include <algorithm>
+#include <cmath>
 #include <set>
 
 
@@ -195,7 +196,8 @@ std::tuple<MaybeTensor, MaybeTensor> module_eager(
   const std::tuple<MaybeTensor, MaybeTensor> general{c10::nullopt, c10::nullopt};
   const int64_t dim = input.dim();
   const bool valid_momentum = !momentum.has_value() || (*momentum >= 0.0 && *momentum <= 1.0);
-  if (!(eps > 0.0) || !valid_momentum || dim >= 63 || !((dims_mask >> dim) & 1) || !input.is_cpu() ||
+  const bool valid_policy = nonfinite >= bnlab::kPropagate && nonfinite <= bnlab::kRaise;
+  if (!(eps > 0.0 && std::isfinite(eps)) || !valid_momentum || !valid_policy || dim >= 63 || !((dims_mask >> dim) & 1) || !input.is_cpu() ||
       !kFloatTypes.count(input.scalar_type()) || input.size(1) != num_features ||
       input.numel() == 0) {
     return general;
