@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import re
+from collections.abc import Callable
 from pathlib import Path
 
 import typer
@@ -12,13 +15,123 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console(width=max(Console().width, 110))
 
 
+# Option checks, run while the command line is parsed: a bad value ends the command with
+# "Invalid value for '--option': expected ..., got ..." and exit status 2, before any work.
+def _at_least(minimum: int, what: str):
+    def check(value: int | None) -> int | None:
+        if value is not None and value < minimum:
+            raise typer.BadParameter(f"expected {what}, got {value}")
+        return value
+
+    return check
+
+
+_positive = _at_least(1, "a positive integer")
+_non_negative = _at_least(0, "an integer >= 0")
+
+
+def _number(positive: bool):
+    def check(value: float | None) -> float | None:
+        if value is not None and not (math.isfinite(value) and (value > 0 if positive else value >= 0)):  # fmt: skip
+            raise typer.BadParameter(f"expected a {'positive' if positive else 'non-negative'} finite number, got {value}")  # fmt: skip
+        return value
+
+    return check
+
+
+def _one_of(choices: Callable[[], tuple[str, ...]] | tuple[str, ...]):
+    def check(value: str | None) -> str | None:
+        names = choices() if callable(choices) else choices
+        if value is not None and value not in names:
+            raise typer.BadParameter(f"expected one of {', '.join(names)}, got {value!r}")
+        return value
+
+    return check
+
+
+def _datasets() -> tuple[str, ...]:
+    from bnlab.lab.data import EMBEDDED, REAL
+
+    return EMBEDDED + REAL
+
+
+def _embedded() -> tuple[str, ...]:
+    from bnlab.lab.data import EMBEDDED
+
+    return EMBEDDED
+
+
+def _directory_or_new(value: str | Path | None):
+    """A directory to write into: existing, or not there yet (then it is created)."""
+    if value is not None and Path(value).exists() and not Path(value).is_dir():
+        raise typer.BadParameter(f"expected a directory, got the file {str(value)!r}")
+    return value
+
+
+def _existing_directory(value: str | None) -> str | None:
+    if value is not None and not Path(value).expanduser().is_dir():
+        raise typer.BadParameter(f"expected an existing directory, got {value!r}")
+    return value
+
+
+def _sizes(value: str) -> dict[str, tuple[int, int]]:
+    """``b8-64,b32-112`` as {"b8-64": (8, 64), ...}; an impossible size is a usage error."""
+    parsed = {}
+    for size in (s.strip() for s in value.split(",") if s.strip()):
+        match = re.fullmatch(r"b(\d+)-(\d+)", size)
+        if match is None:
+            raise typer.BadParameter(f"expected b<batch>-<side> such as b8-64, got {size!r}")
+        batch, side = int(match[1]), int(match[2])
+        if batch < 1 or side < 1:
+            raise typer.BadParameter(f"expected a positive batch and side, got {size!r}")
+        if batch * math.ceil(side / 32) ** 2 < 2:  # ResNet's last stage is 32× downsampled
+            raise typer.BadParameter(f"expected batch × ⌈side/32⌉² >= 2 (a training step's BatchNorm needs more than one value per channel at the last stage), got {size!r}")  # fmt: skip
+        parsed[size] = (batch, side)
+    if not parsed:
+        raise typer.BadParameter(f"expected at least one size such as b8-64, got {value!r}")
+    return parsed
+
+
+def _check_sizes(value: str) -> str:
+    _sizes(value)
+    return value
+
+
+def _networks(value: str) -> list[str]:
+    from bnlab.bench.models import NETWORKS
+
+    chosen = [n.strip() for n in value.split(",") if n.strip()]
+    if not chosen or any(n not in NETWORKS for n in chosen):
+        raise typer.BadParameter(f"expected names from {', '.join(NETWORKS)}, comma-separated, got {value!r}")  # fmt: skip
+    return chosen
+
+
+def _check_networks(value: str) -> str:
+    _networks(value)
+    return value
+
+
+def _shape(value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        dims = [int(s) for s in value.split(",")]
+    except ValueError:
+        dims = []
+    if not dims or min(dims) < 1:
+        raise typer.BadParameter(f"expected positive integers separated by commas, such as 1,3,224,224, got {value!r}")  # fmt: skip
+    return value
+
+
 @app.callback()
 def main() -> None:
     """bnlab: Batch Normalization from the textbook to production layers, and a lab."""
 
 
 @app.command()
-def check(seed: int = typer.Option(0, help="Seed of the random inputs.")) -> None:
+def check(
+    seed: int = typer.Option(0, callback=_non_negative, help="Seed of the random inputs (>= 0)."),
+) -> None:
     """Every implementation level vs a float64 truth and vs torch; exit 1 on any excess."""
     from bnlab.check import run_checks
 
@@ -55,11 +168,25 @@ def list_experiments() -> None:
 def run(
     names: list[str] = typer.Argument(None, help="Experiments to run (default: all, quick)."),
     full: bool = typer.Option(False, "--full", help="Full mode (see `bnlab list` for runtimes)."),
-    seed: int = typer.Option(0, help="Base seed; multi-seed runs use seed, seed+1, ..."),
-    data: str = typer.Option(None, help="Dataset: digits, mnist1d, spirals, mnist, cifar10."),
-    data_dir: str = typer.Option(None, help="Directory with the real MNIST/CIFAR-10 files."),
-    impl: str = typer.Option("bnlab", help="BatchNorm implementation: bnlab or torch."),
-    out: str = typer.Option("runs", help="Root directory of the runs and the report."),
+    seed: int = typer.Option(
+        0, callback=_non_negative, help="Base seed (>= 0); multi-seed runs use seed, seed+1, ..."
+    ),
+    data: str = typer.Option(
+        None,
+        callback=_one_of(_datasets),
+        help="Dataset: digits, mnist1d, spirals, mnist, cifar10 (the last two need --data-dir).",
+    ),
+    data_dir: str = typer.Option(
+        None, callback=_existing_directory, help="Directory with the real MNIST/CIFAR-10 files."
+    ),
+    impl: str = typer.Option(
+        "bnlab",
+        callback=_one_of(("bnlab", "torch")),
+        help="BatchNorm implementation: bnlab or torch.",
+    ),
+    out: str = typer.Option(
+        "runs", callback=_directory_or_new, help="Root directory of the runs and the report."
+    ),
     progress: bool = typer.Option(
         None,
         "--progress/--no-progress",
@@ -70,6 +197,7 @@ def run(
     import sys
 
     progress = sys.stderr.isatty() if progress is None else progress
+    from bnlab.lab.data import REAL
     from bnlab.lab.experiments import REGISTRY
     from bnlab.lab.report import build_report
     from bnlab.lab.runner import latest_runs, run_experiment
@@ -77,7 +205,9 @@ def run(
     selected = names or sorted(REGISTRY)
     unknown = [n for n in selected if n not in REGISTRY]
     if unknown:
-        raise typer.BadParameter(f"unknown experiment(s) {unknown}; known: {sorted(REGISTRY)}")
+        raise typer.BadParameter(f"unknown experiment(s) {unknown}; expected names from {sorted(REGISTRY)}", param_hint="NAMES")  # fmt: skip
+    if data in REAL and data_dir is None:
+        raise typer.BadParameter(f"expected the directory of your {data} files with --data {data}, got none", param_hint="'--data-dir'")  # fmt: skip
     overrides = {"seed": seed, "impl": impl}
     if data is not None:
         overrides["data"] = data
@@ -117,6 +247,8 @@ def report(
     from bnlab.lab.runner import latest_runs
 
     dirs = run_dirs or latest_runs(out)
+    if not dirs:
+        raise typer.BadParameter(f"expected finished runs (bnlab run writes them) under {out!r}, found none", param_hint="'--out'")  # fmt: skip
     try:
         path = build_report(dirs, output or Path(out) / "report.html")
     except (ValueError, FileNotFoundError) as error:
@@ -128,7 +260,9 @@ def report(
 @app.command()
 def bench(
     out: Path = typer.Option(Path("runs/bench"), help="Directory for bench.json and bench.png."),
-    repeats: int = typer.Option(15, help="Minimum timed repetitions per case (median reported)."),
+    repeats: int = typer.Option(
+        15, callback=_positive, help="Minimum timed repetitions per case (median reported)."
+    ),
     compile: bool = typer.Option(False, "--compile", help="Also time torch.compile'd BatchNorm."),
     quick: bool = typer.Option(
         False,
@@ -142,27 +276,42 @@ def bench(
         True,
         help="Time training steps and eval of ResNet-shaped networks: torch BN, bnlab BN, BN as identity.",
     ),
-    networks: str = typer.Option("resnet18,resnet50", help="Real-model networks, comma-separated."),
+    networks: str = typer.Option(
+        "resnet18,resnet50",
+        callback=_check_networks,
+        help="Real-model networks, comma-separated: resnet18, resnet50.",
+    ),
     sizes: str = typer.Option(
-        "b8-64,b32-112", help="Real-model batch/image sizes: b<batch>-<side>, comma-separated."
+        "b8-64,b32-112",
+        callback=_check_sizes,
+        help="Real-model batch/image sizes: b<batch>-<side>, comma-separated.",
     ),
     model_rounds: int = typer.Option(
         10,
+        callback=_positive,
         help="Real models: alternating timed rounds after warm-up (at least 10 for a reportable figure).",
     ),
     model_seconds: float = typer.Option(
         0.0,
+        callback=_number(positive=False),
         help="Real models: keep alternating rounds (beyond --model-rounds) until a case has been timed this long; cheap cases get more rounds and tighter intervals.",
     ),
-    model_warmup: int = typer.Option(2, help="Real models: untimed warm-up calls per arm."),
+    model_warmup: int = typer.Option(
+        2, callback=_non_negative, help="Real models: untimed warm-up calls per arm (>= 0)."
+    ),
     model_width: int = typer.Option(
         64,
+        callback=_positive,
         hidden=True,
         help="Real models: stage width (64 = torchvision's; smaller for smoke tests).",
     ),
-    threads: int = typer.Option(0, help="torch threads (0: torch's default)."),
+    threads: int = typer.Option(
+        0, callback=_non_negative, help="torch threads (0: torch's default)."
+    ),
     device: str = typer.Option(
-        "cpu", help="cpu, or cuda: the Triton kernels' table (bench/cuda.py)."
+        "cpu",
+        callback=_one_of(("cpu", "cuda")),
+        help="cpu, or cuda: the Triton kernels' table (bench/cuda.py).",
     ),
 ) -> None:
     """bnlab vs torch BatchNorm on CPU: BN layers (with the bandwidth floor) and real models."""
@@ -219,27 +368,14 @@ def bench(
 
 
 def _bench_models(networks: str, sizes: str, quick: bool, rounds: int, warmup: int, width: int, seconds: float = 0.0) -> dict:  # fmt: skip
-    """The real-model section, with the options checked and parsed."""
-    import re
+    """The real-model section (the options were checked while parsing)."""
+    from bnlab.bench.models import run_models
 
-    from bnlab.bench.models import NETWORKS, run_models
-
-    chosen = [n.strip() for n in networks.split(",") if n.strip()]
-    for network in chosen:
-        if network not in NETWORKS:
-            raise typer.BadParameter(f"expected names from {list(NETWORKS)}, got {network!r}", param_hint="--networks")  # fmt: skip
-    parsed = {}
-    for size in (s.strip() for s in sizes.split(",") if s.strip()):
-        match = re.fullmatch(r"b(\d+)-(\d+)", size)
-        if match is None:
-            raise typer.BadParameter(f"expected b<batch>-<side> such as b8-64, got {size!r}", param_hint="--sizes")  # fmt: skip
-        parsed[size] = (int(match[1]), int(match[2]))
+    chosen, parsed = _networks(networks), _sizes(sizes)
     if quick:
         chosen, parsed = chosen[:1], dict(list(parsed.items())[:1])
     if rounds < 10:
         console.print(f"[yellow]real models: {rounds} rounds (fewer than 10): not a reportable figure[/yellow]")  # fmt: skip
-    if not seconds >= 0:
-        raise typer.BadParameter(f"expected a number of seconds >= 0, got {seconds}", param_hint="--model-seconds")  # fmt: skip
     console.print("[bold]real models: torch BN vs bnlab BN (converted) vs BN as identity[/bold]")
     return run_models(chosen, parsed, rounds=rounds, warmup=warmup, width=width, min_seconds=seconds, progress=console.print)  # fmt: skip
 
@@ -290,7 +426,9 @@ def fold(
         ..., help="A model saved with torch.save(model) or TorchScript."
     ),
     output: Path = typer.Option(..., "-o", "--output", help="Where to write the folded model."),
-    input_shape: str = typer.Option(None, help="Input shape for timing, e.g. 1,3,224,224."),
+    input_shape: str = typer.Option(
+        None, callback=_shape, help="Input shape for timing, e.g. 1,3,224,224."
+    ),
     trust_file: bool = typer.Option(
         False,
         "--trust-file",
@@ -317,21 +455,39 @@ def fold(
 
 @app.command("train")
 def train_command(
-    nproc: int = typer.Option(1, help="Processes (ranks) on this machine: DDP + SyncBatchNorm."),
-    steps: int = typer.Option(200, help="Training steps."),
-    global_batch: int = typer.Option(64, help="Global batch size, split evenly over the ranks."),
-    lr: float = typer.Option(0.05, help="SGD learning rate."),
-    seed: int = typer.Option(0, help="Seed of initialization and data order."),
-    data: str = typer.Option("digits", help="Embedded dataset: digits, mnist1d, spirals."),
-    dtype: str = typer.Option("float32", help="float32 or float64."),
+    nproc: int = typer.Option(
+        1, callback=_positive, help="Processes (ranks) on this machine: DDP + SyncBatchNorm."
+    ),
+    steps: int = typer.Option(200, callback=_positive, help="Training steps."),
+    global_batch: int = typer.Option(
+        64,
+        callback=_at_least(2, "an integer >= 2 (BatchNorm needs more than one value per channel)"),
+        help="Global batch size (>= 2, a multiple of --nproc), split evenly over the ranks.",
+    ),
+    lr: float = typer.Option(0.05, callback=_number(positive=True), help="SGD learning rate."),
+    seed: int = typer.Option(
+        0, callback=_non_negative, help="Seed of initialization and data order (>= 0)."
+    ),
+    data: str = typer.Option(
+        "digits",
+        callback=_one_of(_embedded),
+        help="Embedded dataset: digits, mnist1d, spirals.",
+    ),
+    dtype: str = typer.Option(
+        "float32", callback=_one_of(("float32", "float64")), help="float32 or float64."
+    ),
     out: Path = typer.Option(
         Path("runs/train/loss.json"), help="Where rank 0 writes the loss curve."
     ),
     backend: str = typer.Option(
-        "auto", help="auto, gloo (CPU tensors) or nccl (CUDA, one GPU per rank)."
+        "auto",
+        callback=_one_of(("auto", "gloo", "nccl")),
+        help="auto, gloo (CPU tensors) or nccl (CUDA, one GPU per rank).",
     ),
     device: str = typer.Option(
-        "auto", help="auto (CUDA if there is a GPU per rank, else CPU), cpu or cuda."
+        "auto",
+        callback=_one_of(("auto", "cpu", "cuda")),
+        help="auto (CUDA if there is a GPU per rank, else CPU), cpu or cuda.",
     ),
 ) -> None:
     """Train a lab MLP with BatchNorm, on one process or data-parallel over several."""
@@ -339,9 +495,13 @@ def train_command(
 
     from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 
-    from bnlab.lab.distributed import DistributedConfig, launch
+    from bnlab.lab.distributed import ConfigError, DistributedConfig, launch, validate
 
     config = DistributedConfig(data=data, global_batch=global_batch, steps=steps, lr=lr, seed=seed, dtype=dtype, out=str(out), backend=backend, device=device)  # fmt: skip
+    try:  # what depends on several options or on the data (a multiple of --nproc, ...)
+        validate(config, nproc)
+    except ConfigError as error:
+        raise typer.BadParameter(error.message, param_hint=f"'{error.option}'") from None
     try:
         launch(config, nproc)
     except (ProcessRaisedException, ProcessExitedException) as error:

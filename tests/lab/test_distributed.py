@@ -57,4 +57,4 @@ def test_cli_train_float32_and_torchrun(tmp_path):
     three = json.loads((tmp_path / "torchrun.json").read_text())["loss"]
     assert max(abs(a - b) for a, b in zip(two, three, strict=True)) < 1e-6
     bad = runner.invoke(app, ["train", "--nproc", "0"])
-    assert bad.exit_code == 2 and "nproc: expected a positive integer" in bad.output
+    assert bad.exit_code == 2 and "'--nproc': expected a positive integer, got 0" in bad.output

@@ -84,3 +84,53 @@ def test_cli_train_names_the_contradiction():
     result = CliRunner().invoke(app, ["train", "--nproc", "2", "--backend", "nccl", "--device", "cpu"])  # fmt: skip
     assert result.exit_code == 2
     assert "backend: nccl reduces CUDA tensors" in " ".join(result.output.split())
+
+
+def test_torchrun_entry_help_describes_the_command_and_every_option():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "bnlab.lab.distributed", "--help"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    assert "DistributedDataParallel with SyncBatchNorm, one process per rank" in text
+    assert "gloo with CPU tensors, nccl with one GPU per rank" in text
+    actions = [a for a in distributed.parser()._actions if a.option_strings != ["-h", "--help"]]
+    assert {a.dest for a in actions} == {"data", "global_batch", "steps", "lr", "seed", "dtype", "timeout", "out", "backend", "device", "init_method"}  # fmt: skip
+    for action in actions:
+        assert action.help and len(action.help) > 20, action.dest
+        assert action.option_strings[0] in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("argv", "world", "message"),
+    [
+        (["--steps", "0"], 1, "argument --steps: expected a positive integer, got 0"),
+        (["--steps", "x"], 1, "argument --steps: expected a positive integer, got 'x'"),
+        (["--global-batch", "1"], 1, "argument --global-batch: expected an integer >= 2"),
+        (["--lr", "-1"], 1, "argument --lr: expected a positive finite number, got '-1'"),
+        (["--timeout", "0"], 1, "argument --timeout: expected a positive finite number, got '0'"),
+        (["--seed", "-1"], 1, "argument --seed: expected an integer >= 0, got -1"),
+        (["--dtype", "float16"], 1, "argument --dtype: invalid choice: 'float16'"),
+        (["--data", "mnist"], 1, "argument --data: invalid choice: 'mnist'"),
+        (["--device", "tpu"], 1, "argument --device: invalid choice: 'tpu'"),
+        (["--global-batch", "32"], 3, "argument --global-batch: expected a multiple of the 3 ranks, got 32"),
+        (["--global-batch", "5000"], 1, "argument --global-batch: expected at most the"),
+        (["--backend", "nccl", "--device", "cpu"], 1, "backend: nccl reduces CUDA tensors"),
+    ],
+)  # fmt: skip
+def test_torchrun_entry_refuses_bad_values_with_the_option_named(monkeypatch, capsys, argv, world, message):  # fmt: skip
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    monkeypatch.setattr(distributed, "run_rank", lambda config: pytest.fail("it ran"))
+    with pytest.raises(SystemExit) as exit:
+        distributed.main(argv)
+    assert exit.value.code == 2
+    assert message in " ".join(capsys.readouterr().err.split())
+
+
+def test_validate_names_the_field():
+    with pytest.raises(distributed.ConfigError, match="steps: expected a positive integer, got 0") as error:  # fmt: skip
+        distributed.validate(DistributedConfig(steps=0))
+    assert error.value.option == "--steps"
+    with pytest.raises(ValueError, match="lr: expected a positive finite number, got -1"):
+        launch(DistributedConfig(lr=-1), nproc=1)

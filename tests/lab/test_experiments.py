@@ -1,7 +1,9 @@
 """Each experiment in a tiny configuration; verdict logic; runner files; report; CLI."""
 
 import dataclasses
+import html
 import json
+import time
 
 import numpy as np
 import pytest
@@ -9,6 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from bnlab.cli import app
+from bnlab.lab import data
 from bnlab.lab.experiments import (
     REGISTRY,
     init_sweep,
@@ -17,7 +20,7 @@ from bnlab.lab.experiments import (
     train_eval_gap,
     whitening_cost,
 )
-from bnlab.lab.report import build_report
+from bnlab.lab.report import QUICK_RULE, TIMING_RULE, build_report
 from bnlab.lab.runner import latest_runs, load_run, run_experiment
 
 TINY = {
@@ -50,8 +53,23 @@ def test_every_registered_experiment_has_a_tiny_config():
         assert experiment.make_config(quick=True) != experiment.make_config(quick=False)
 
 
+def _record_loads(monkeypatch) -> list[str]:
+    """The datasets a run loads, by whatever path: the loaders load_dataset dispatches to."""
+    loaded = []
+    for dataset in (*data.EMBEDDED, *data.REAL):
+        original = getattr(data, f"_{dataset}")
+
+        def spy(*args, _name=dataset, _original=original):
+            loaded.append(_name)
+            return _original(*args)
+
+        monkeypatch.setattr(data, f"_{dataset}", spy)
+    return loaded
+
+
 @pytest.mark.parametrize("name", sorted(TINY))
-def test_experiment_runs_and_writes_everything(tmp_path, name):
+def test_experiment_runs_and_writes_everything(tmp_path, monkeypatch, name):
+    loaded = _record_loads(monkeypatch)
     run_dir = run_experiment(name, root=tmp_path, progress=False, echo=None, **TINY[name])
     for file in ("config.json", "metrics.json", "log.txt"):
         assert (run_dir / file).is_file()
@@ -63,6 +81,8 @@ def test_experiment_runs_and_writes_everything(tmp_path, name):
     assert "verdict:" in (run_dir / "log.txt").read_text()
     assert saved["verdict"]["label"] in ("supported", "not supported", "inconclusive in quick mode")
     assert json.loads((run_dir / "captions.json").read_text()), "every figure has a caption"
+    # the recorded data names exactly what the run loaded ([] only for generated data)
+    assert sorted({entry.split(":")[0] for entry in saved["data"]}) == sorted(set(loaded))
     metrics = saved["metrics"]
     if name == "convergence":
         run = metrics["arms"]["bn"][0]
@@ -165,6 +185,42 @@ def test_whitening_cost_verdict():
     assert verdict.supported and "d^1.00" in verdict.summary and "d^3.00" in verdict.summary
 
 
+def test_whitening_times_are_cpu_times_so_waiting_does_not_count(monkeypatch):
+    # a wait stands for another program holding the CPU: wall-clock time would count it
+    monkeypatch.setattr(whitening_cost, "zca_whiten", lambda x: time.sleep(0.02))
+    standardize_s, whiten_s = whitening_cost.cpu_seconds(torch.zeros(8, 4), repeats=3)
+    assert whiten_s < 0.005 and standardize_s < 0.005
+
+
+def test_report_states_the_quick_mode_rule_and_which_verdicts_rest_on_timings(tmp_path):
+    run_dir = run_experiment("whitening-cost", root=tmp_path, progress=False, echo=None, **TINY["whitening-cost"])  # fmt: skip
+    saved = json.loads((run_dir / "metrics.json").read_text())
+    # whitening 16-17× the cost at the largest width: above 10× (the rule), below 32× (its
+    # neighbouring threshold), so sensitive, and quick mode leaves it undecided
+    saved["metrics"] = {"widths": [10, 100], "batch": 8, "standardize_s": [[1.0, 1.0], [10.0, 10.0]], "whiten_s": [[1.0, 1.0], [160.0, 170.0]],
+                        "standardize_offdiag": [[0.5, 0.5], [0.5, 0.5]], "whiten_offdiag": [[0.0, 0.0], [0.0, 0.0]]}  # fmt: skip
+    (run_dir / "metrics.json").write_text(json.dumps(saved))
+    page = build_report([run_dir], tmp_path / "report.html").read_text()
+    head, section = page.split("<h2 id='whitening-cost'>")
+    assert html.escape(QUICK_RULE) in head and html.escape(TIMING_RULE) in head
+    assert "Timing-based here: whitening-cost." in head
+    verdict = section[section.index("<b>Verdict:</b>") : section.index("<table>")]
+    assert html.escape(QUICK_RULE) in verdict and "Timing-based: decided from measured CPU times" in verdict  # fmt: skip
+    row = section[section.index("whitening costs ≥ 10× more") :].split("</tr>")[0]
+    assert "inconclusive in quick mode" in row
+    assert "(the rule gives supported at the stated threshold; sensitive, so undecided in quick mode)" in row  # fmt: skip
+    robust = section[section.index("grows faster with the width") :].split("</tr>")[0]
+    assert "undecided in quick mode" not in robust and "class='supported'" in robust
+
+
+def test_runner_checks_the_config_before_creating_anything(tmp_path):
+    for bad, message in (({"data": "nosuch"}, "data: expected one of digits"), ({"impl": "nosuch"}, "impl: expected one of bnlab, torch, identity, got 'nosuch'"),
+                         ({"data": "mnist"}, "data_dir: dataset 'mnist' is read from your files"), ({"num_seeds": 0}, "num_seeds: expected a positive integer, got 0")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            run_experiment("init-sweep", root=tmp_path, progress=False, echo=None, **bad)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_noisy_shift_is_off_in_eval():
     layer = loss_landscape.NoisyShift(0.5)
     x = torch.randn(4, 3)
@@ -196,6 +252,7 @@ def test_report_rebuilds_from_metrics_without_retraining(tmp_path):
     report = build_report([run_dir], tmp_path / "report.html")
     page = report.read_text()
     assert "data:image/png;base64," in page and "init-sweep" in page
+    assert "<b>Data.</b> spirals: " in page, "the data it trained on, not 'synthetic'"
     assert any(label in page for label in ("supported", "inconclusive"))
     assert list(run_dir.glob("*.png")), "plots redrawn from saved metrics"
     with pytest.raises(ValueError, match="expected at least one run directory"):
@@ -233,7 +290,8 @@ def test_cli_list_run_and_report(tmp_path):
         ],
     )
     # rich wraps at the console width: compare with the line breaks taken out
-    assert missing.exit_code == 2 and "data_dir is not a directory" in " ".join(missing.output.split())  # fmt: skip
+    assert missing.exit_code == 2 and "'--data-dir': expected an existing directory" in " ".join(missing.output.split())  # fmt: skip
+    assert not (tmp_path / "mnist-cnn").exists(), "refused before a run directory is made"
 
 
 def test_lab_imports_change_no_global_state():

@@ -238,10 +238,12 @@ def test_a_refused_batch_is_not_counted():
     torch.testing.assert_close(ours.running_var, theirs.running_var)
 
 
-def test_a_refused_batch_is_not_counted_in_compiled_code():
+def test_a_refused_batch_is_not_counted_in_compiled_code(path):
     """The same under torch.compile (aot_eager): the batch is counted after the operator
     accepts it, so a refused one is not (an except clause would not run in compiled code).
     (Inductor's generated code still counts it: README.)"""
+    if path == "torch" and torch.__version__ < "2.7":
+        pytest.xfail("torch 2.6's dynamo: 'SpeculationLog diverged' at the graph break that momentum=None makes, on the composite path (README)")  # fmt: skip
     bn = bnn.BatchNorm1d(2, momentum=None, nonfinite="raise")
     step = torch.compile(bn, backend="aot_eager")
     good = torch.randn(8, 2, generator=torch.Generator().manual_seed(0)) + 5

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass, replace
@@ -39,7 +40,7 @@ import torch.distributed as dist
 from torch import nn
 
 from bnlab.files import atomic_write_json
-from bnlab.lab.data import load_dataset
+from bnlab.lab.data import EMBEDDED, load_dataset
 from bnlab.lab.models import mlp
 from bnlab.nn import convert_sync_batchnorm
 
@@ -64,6 +65,48 @@ class DistributedConfig:
 
 BACKENDS = ("auto", "gloo", "nccl")
 DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("float32", "float64")
+DATASETS = EMBEDDED  # the embedded datasets (no --data-dir here)
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work: ``field`` names it (its option is ``--field-name``),
+    ``message`` says what was expected and what was given."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field, self.message = field, message
+
+    @property
+    def option(self) -> str:
+        return "--" + self.field.replace("_", "-")
+
+
+def validate(config: DistributedConfig, world: int = 1) -> None:
+    """Refuse a config that cannot train on ``world`` ranks, before any process starts.
+
+    Raises :class:`ConfigError` naming the field: a name outside its choices, a count that is
+    not positive, a learning rate or timeout that is not a positive finite number, a global
+    batch under 2 (BatchNorm needs more than one value per channel), not a multiple of the
+    ranks, or larger than the training split (the dataset is loaded, once per process).
+    """
+    for field, choices in (("data", DATASETS), ("dtype", DTYPES), ("backend", BACKENDS), ("device", DEVICES)):  # fmt: skip
+        value = getattr(config, field)
+        if value not in choices:
+            raise ConfigError(field, f"expected one of {', '.join(choices)}, got {value!r}")
+    for field, minimum, what in (("steps", 1, "a positive integer"), ("global_batch", 2, "an integer >= 2 (BatchNorm needs more than one value per channel)"), ("seed", 0, "an integer >= 0")):  # fmt: skip
+        value = getattr(config, field)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ConfigError(field, f"expected {what}, got {value!r}")
+    for field in ("lr", "timeout"):
+        value = getattr(config, field)
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise ConfigError(field, f"expected a positive finite number, got {value!r}")
+    if config.global_batch % world:
+        raise ConfigError("global_batch", f"expected a multiple of the {world} ranks, got {config.global_batch}")  # fmt: skip
+    examples = len(load_dataset(config.data).y_train)
+    if config.global_batch > examples:
+        raise ConfigError("global_batch", f"expected at most the {examples} training examples of {config.data}, got {config.global_batch}")  # fmt: skip
 
 
 def choose_backend_and_device(
@@ -116,8 +159,7 @@ def train_steps(
 ) -> list[float]:
     """Train on ``device`` (default CPU); returns the global mean loss of every step (the same
     on every rank)."""
-    if config.global_batch % world:
-        raise ValueError(f"global_batch: expected a multiple of the {world} ranks, got {config.global_batch}")  # fmt: skip
+    validate(config, world)
     dtype = getattr(torch, config.dtype)
     data = load_dataset(config.data)
     device = torch.device("cpu") if device is None else device
@@ -163,12 +205,17 @@ def drain_before_destroy() -> None:
     dist.barrier()
 
 
+def _environment() -> tuple[int, int, int, int]:
+    """(RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE) as torchrun sets them (one process
+    without them)."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    return rank, world, int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", world))  # fmt: skip
+
+
 def run_rank(config: DistributedConfig) -> list[float]:
     """One rank under torchrun-style environment variables (RANK, WORLD_SIZE, LOCAL_RANK,
     LOCAL_WORLD_SIZE, MASTER_*)."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    rank, world, local_rank, local_world = _environment()
     backend, device = choose_backend_and_device(
         config.backend, config.device, local_rank=local_rank, local_world=local_world,
         cuda_devices=cuda_devices(),
@@ -206,6 +253,7 @@ def launch(config: DistributedConfig, nproc: int) -> None:
     before rank 0 binds it (then the ranks fail, or join a stranger's group)."""
     if nproc < 1:
         raise ValueError(f"nproc: expected a positive integer, got {nproc}")
+    validate(config, nproc)
     # refuse a contradiction here, with its message, rather than in every rank
     choose_backend_and_device(config.backend, config.device, local_rank=nproc - 1, local_world=nproc, cuda_devices=cuda_devices())  # fmt: skip
     if nproc == 1:
@@ -219,15 +267,80 @@ def launch(config: DistributedConfig, nproc: int) -> None:
         mp.start_processes(_spawned, args=(nproc, config), nprocs=nproc, start_method="spawn")  # fmt: skip
 
 
+def _positive_int(text: str) -> int:
+    return _integer(text, 1, "a positive integer")
+
+
+def _batch(text: str) -> int:
+    return _integer(text, 2, "an integer >= 2 (BatchNorm needs more than one value per channel)")
+
+
+def _non_negative_int(text: str) -> int:
+    return _integer(text, 0, "an integer >= 0")
+
+
+def _integer(text: str, minimum: int, what: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+    return value
+
+
+def _positive_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    """The options of ``torchrun ... -m bnlab.lab.distributed`` (those of ``bnlab train``
+    but ``--nproc``: torchrun starts the processes)."""
+    described = argparse.ArgumentParser(
+        prog="torchrun [TORCHRUN OPTIONS] -m bnlab.lab.distributed",
+        description="Data-parallel training of a lab MLP with BatchNorm on torch.distributed: "
+        "DistributedDataParallel with SyncBatchNorm, one process per rank, each rank training "
+        "on an equal share of every global batch; rank 0 prints the final loss and writes "
+        "the loss curve to --out. The backend and device are chosen together: gloo with CPU "
+        "tensors, nccl with one GPU per rank (cuda:LOCAL_RANK).",
+        epilog="Example: torchrun --standalone --nproc-per-node 2 -m bnlab.lab.distributed "
+        "--steps 200. On one machine, `bnlab train --nproc N` starts the processes itself.",
+    )
+    defaults = DistributedConfig()
+    add = described.add_argument
+    add("--data", choices=DATASETS, default=defaults.data, help=f"embedded dataset (default {defaults.data})")  # fmt: skip
+    add("--global-batch", type=_batch, default=defaults.global_batch, metavar="N", help=f"global batch size, split evenly over the ranks: at least 2, a multiple of the number of ranks, at most the training examples (default {defaults.global_batch})")  # fmt: skip
+    add("--steps", type=_positive_int, default=defaults.steps, metavar="N", help=f"training steps, a positive integer (default {defaults.steps})")  # fmt: skip
+    add("--lr", type=_positive_number, default=defaults.lr, metavar="LR", help=f"SGD learning rate (momentum 0.9), a positive number (default {defaults.lr})")  # fmt: skip
+    add("--seed", type=_non_negative_int, default=defaults.seed, metavar="N", help=f"seed of initialization and data order, an integer >= 0 (default {defaults.seed})")  # fmt: skip
+    add("--dtype", choices=DTYPES, default=defaults.dtype, help=f"floating-point type of the model and data (default {defaults.dtype})")  # fmt: skip
+    add("--timeout", type=_positive_number, default=defaults.timeout, metavar="SECONDS", help=f"collectives time out after this many seconds, so that a rank that dies stops the others (default {defaults.timeout:g})")  # fmt: skip
+    add("--out", default=defaults.out, metavar="PATH", help="where rank 0 writes the loss curve (JSON); default: not written")  # fmt: skip
+    add("--backend", choices=BACKENDS, default=defaults.backend, help="process-group backend: auto (the one for the device), gloo (CPU tensors) or nccl (CUDA tensors, one GPU per rank)")  # fmt: skip
+    add("--device", choices=DEVICES, default=defaults.device, help="auto (CUDA if this machine has a GPU for every local rank, else the CPU), cpu or cuda")  # fmt: skip
+    add("--init-method", default=defaults.init_method, metavar="URL", help="rendezvous URL such as file:///tmp/store or tcp://HOST:PORT (default env://, as torchrun sets it)")  # fmt: skip
+    return described
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point for ``torchrun -m bnlab.lab.distributed``."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    defaults = DistributedConfig()
-    for name in ("data", "global_batch", "steps", "lr", "seed", "dtype", "timeout", "out", "backend", "device", "init_method"):  # fmt: skip
-        value = getattr(defaults, name)
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value) if value is not None else str, default=value)  # fmt: skip
-    args = parser.parse_args(argv)
-    losses = run_rank(DistributedConfig(**vars(args)))
+    options = parser()
+    config = DistributedConfig(**vars(options.parse_args(argv)))
+    _, world, local_rank, local_world = _environment()
+    try:  # refuse what cannot work with the option's name, before the process group starts
+        validate(config, world)
+        choose_backend_and_device(config.backend, config.device, local_rank=local_rank, local_world=local_world, cuda_devices=cuda_devices())  # fmt: skip
+    except ConfigError as error:
+        options.error(f"argument {error.option}: {error.message}")
+    except ValueError as error:
+        options.error(str(error))
+    losses = run_rank(config)
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"final loss {losses[-1]:.4f} after {len(losses)} steps")
 

@@ -2,7 +2,9 @@
 
 Per experiment: the claim with its source, a setup paragraph, the data used, one row per
 sub-claim (result with intervals, verdict, the rule that produced it, its sensitivity to the
-threshold) and the captioned figures. A quick-vs-full table compares the newest run of each
+threshold) and the captioned figures. The page says, at the top and beside each quick run's
+verdict, that quick mode leaves a 'sensitive' sub-claim undecided, and which sub-claims rest
+on measured times (not reproducible bit for bit, unlike every seeded number). A quick-vs-full table compares the newest run of each
 mode of every experiment shown. Verdicts are recomputed with the experiment's current logic.
 """
 
@@ -63,6 +65,43 @@ def _finding_label(finding, quick: bool) -> str:
     return verdict_label(finding.supported)
 
 
+QUICK_RULE = (
+    "In quick mode a sub-claim is decided only where the decision is robust: one whose "
+    "sensitivity line says 'sensitive' (a neighbouring threshold would flip it) is shown as "
+    "'inconclusive in quick mode', whatever its rule gives at the stated threshold."
+)
+TIMING_RULE = (
+    "Every number is seeded and a rerun reproduces it, except measured times (the runtimes, "
+    "and the timings of the experiments marked timing-based), so a timing-based sub-claim "
+    "near a threshold can be decided differently by two runs."
+)
+
+
+def _verdict_notes(experiment, mode: str) -> str:
+    """The sentences beside a run's verdict: the quick-mode rule, the timing caveat."""
+    notes = [QUICK_RULE] if mode == "quick" else []
+    if experiment.timed:
+        notes.append(
+            "Timing-based: decided from measured CPU times, which vary between runs; "
+            "a sub-claim near a threshold can come out differently in a rerun."
+        )
+    return "".join(f" <small>{_esc(note)}</small>" for note in notes)
+
+
+def _held_back(verdict, mode: str) -> dict[int, str]:
+    """{row: note} for the sub-claims that quick mode leaves undecided although their rule
+    decides them at the stated threshold (their sensitivity line says 'sensitive')."""
+    if mode != "quick" or not verdict.findings:
+        return {}
+    shown = verdict.in_mode(mode).findings
+    return {
+        i: f"<br><small>(the rule gives {_esc(verdict_label(raw.supported))} at the stated "
+        "threshold; sensitive, so undecided in quick mode)</small>"
+        for i, (raw, quick) in enumerate(zip(verdict.findings, shown, strict=True))
+        if quick.supported is None and raw.supported is not None and not raw.context
+    }
+
+
 def verdict_label(supported: bool | None) -> str:
     return {True: "supported", False: "not supported", None: "inconclusive"}[supported]
 
@@ -79,10 +118,11 @@ def _section(run_dir: Path, config: dict, saved: dict) -> tuple[str, str]:
         f"<td>{_esc(result)}</td></tr>"
         for claim, lab, result, _, _ in rows
     )
+    held = _held_back(verdict, mode)
     detail_rows = "".join(
-        f"<tr><td>{_esc(claim)}</td><td>{_label(lab)}</td><td>{_esc(result)}</td>"
+        f"<tr><td>{_esc(claim)}</td><td>{_label(lab)}{held.get(i, '')}</td><td>{_esc(result)}</td>"
         f"<td>{_esc(rule)}</td><td>{_esc(sens)}</td></tr>"
-        for claim, lab, result, rule, sens in rows
+        for i, (claim, lab, result, rule, sens) in enumerate(rows)
     )
     figures = []
     texts = captions(run_dir)
@@ -106,7 +146,7 @@ def _section(run_dir: Path, config: dict, saved: dict) -> tuple[str, str]:
         + "</p>"
         f"<p><b>Setup.</b> {_esc(experiment.describe_setup(config['config']))}</p>"
         f"<p><b>Data.</b> {_esc(data_used)}</p>"
-        f"<p><b>Verdict:</b> {_label(verdict.label_in(mode))} ({mode} mode).</p>"
+        f"<p><b>Verdict:</b> {_label(verdict.label_in(mode))} ({mode} mode).{_verdict_notes(experiment, mode)}</p>"
         "<table><tr><th>sub-claim</th><th>verdict</th><th>result (95% intervals)</th>"
         f"<th>rule</th><th>sensitivity</th></tr>{detail_rows}</table>"
         f"<p><small>Run <code>{_esc(run_dir)}</code>, {runtime}. "
@@ -166,6 +206,7 @@ def build_report(run_dirs: list[str | Path], out_path: str | Path) -> Path:
     if not rows:
         raise ValueError(f"run_dirs: no finished run (with metrics.json) among {skipped}")
     note = f"<p>Unfinished runs left out: {_esc(', '.join(skipped))}</p>" if skipped else ""
+    timed = sorted({name for name in (load_run(d)[0]["experiment"] for d in finished) if get_experiment(name).timed})  # fmt: skip
     consistency = consistency_rows(finished)
     consistency_table = (
         "<h2>Quick vs full mode</h2><table><tr><th>experiment</th><th>sub-claim</th>"
@@ -180,7 +221,8 @@ def build_report(run_dirs: list[str | Path], out_path: str | Path) -> Path:
         f"<style>{_STYLE}</style></head><body><h1>bnlab report</h1>"
         f"<p>Built {datetime.now():%Y-%m-%d %H:%M} from saved metrics. Each verdict is computed "
         "from the numbers of its run by the rule shown beside it; intervals are 95% percentile "
-        "bootstrap intervals over seeds (and test examples where stated).</p>"
+        f"bootstrap intervals over seeds (and test examples where stated). {_esc(QUICK_RULE)} "
+        f"{_esc(TIMING_RULE)} Timing-based here: {_esc(', '.join(timed) or 'none')}.</p>"
         "<table><tr><th>experiment</th><th>sub-claim</th><th>verdict</th><th>result</th></tr>"
         + "".join(rows)
         + "</table>"

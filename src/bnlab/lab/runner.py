@@ -80,6 +80,7 @@ def run_experiment(
 def _run(name, quick, root, progress, echo, overrides) -> Path:
     experiment = get_experiment(name)
     config = experiment.make_config(quick=quick, **overrides)
+    config.check()  # a bad data name or implementation leaves no run directory behind
     mode = "quick" if quick else "full"
     run_dir = new_run_dir(root, name)
     atomic_write_json(

@@ -20,12 +20,14 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from bnlab.lab.stats import label as verdict_label
 
 REGISTRY: dict[str, Experiment] = {}
 ARMS = ("baseline", "bn")
+IMPLS = ("bnlab", "torch", "identity")
 
 
 @dataclass
@@ -41,6 +43,22 @@ class ExperimentConfig:
     seed: int = 0
     num_seeds: int = 5
     impl: str = "bnlab"
+
+    def check(self) -> None:
+        """Refuse a data source, implementation or seed count the run cannot use (a
+        ``ValueError`` naming the field); the runner calls it before it writes anything."""
+        from bnlab.lab.data import EMBEDDED, REAL
+
+        if self.data not in EMBEDDED + REAL:
+            raise ValueError(f"data: expected one of {', '.join(EMBEDDED + REAL)}, got {self.data!r}")  # fmt: skip
+        if self.data in REAL and (self.data_dir is None or not Path(self.data_dir).expanduser().is_dir()):  # fmt: skip
+            raise ValueError(f"data_dir: dataset {self.data!r} is read from your files: expected a directory, got {self.data_dir!r}")  # fmt: skip
+        if self.impl not in IMPLS:
+            raise ValueError(f"impl: expected one of {', '.join(IMPLS)}, got {self.impl!r}")
+        if self.seed < 0:
+            raise ValueError(f"seed: expected an integer >= 0, got {self.seed}")
+        if self.num_seeds < 1:
+            raise ValueError(f"num_seeds: expected a positive integer, got {self.num_seeds}")
 
 
 @dataclass(frozen=True)
@@ -123,7 +141,8 @@ class Context:
 @dataclass(frozen=True)
 class Experiment:
     """A registered experiment. ``quick`` overrides the config for a CPU-minutes run;
-    ``setup`` is a paragraph formatted with the config's fields."""
+    ``setup`` is a paragraph formatted with the config's fields; ``timed``: its sub-claims
+    are decided from measured times, which vary between runs (every other number is seeded)."""
 
     name: str
     claim: str
@@ -135,6 +154,7 @@ class Experiment:
     full_runtime: str
     source: str = ""
     setup: str = ""
+    timed: bool = False
 
     def make_config(self, quick: bool = True, **overrides: Any):
         """The config for quick or full mode, with ``overrides`` (unknown keys are an error)."""

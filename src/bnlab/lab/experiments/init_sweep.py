@@ -10,7 +10,6 @@ import torch
 from tqdm.auto import tqdm
 
 from bnlab.lab import stats
-from bnlab.lab.data import load_dataset
 from bnlab.lab.experiments.base import (
     Context,
     ExperimentConfig,
@@ -18,6 +17,7 @@ from bnlab.lab.experiments.base import (
     Verdict,
     define,
     figure,
+    load_data,
     seeds,
 )
 from bnlab.lab.models import mlp
@@ -40,8 +40,7 @@ class InitSweepConfig(ExperimentConfig):
 
 
 def run(config: InitSweepConfig, ctx: Context) -> dict:
-    data = load_dataset(config.data, config.data_dir, max_train=config.max_train)
-    ctx.log(data.describe())
+    data = load_data(config, ctx, max_train=config.max_train)
     scales = np.logspace(np.log10(config.min_scale), np.log10(config.max_scale), config.num_scales)
     x_train, y_train = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
     metrics: dict = {"scales": scales.tolist(), "arms": {}}

@@ -13,7 +13,6 @@ import torch
 
 from bnlab.inference import recalibrate
 from bnlab.lab import stats
-from bnlab.lab.data import load_dataset
 from bnlab.lab.experiments.base import (
     Context,
     ExperimentConfig,
@@ -21,6 +20,7 @@ from bnlab.lab.experiments.base import (
     Verdict,
     define,
     figure,
+    load_data,
     seeds,
 )
 from bnlab.lab.models import mlp, set_bn_momentum
@@ -66,8 +66,7 @@ def _batches(x: torch.Tensor, count: int, size: int, seed: int):
 
 
 def run(config: TrainEvalGapConfig, ctx: Context) -> dict:
-    data = load_dataset(config.data, config.data_dir)
-    ctx.log(data.describe())
+    data = load_data(config, ctx)
     x_train, x_val = torch.from_numpy(data.x_train), torch.from_numpy(data.x_val)
     y_val = torch.from_numpy(data.y_val)
     runs = []
