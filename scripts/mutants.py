@@ -133,6 +133,8 @@ MUTANTS: list[Mutant] = [
     Mutant("cpp-module-cumulative-off-by-one", "src/bnlab/kernels/cpu/ops.cpp", "(counter ? 1.0 / double(*counter + 1) : 0.0)", "(counter ? 1.0 / double(*counter + 2) : 0.0)", ("tests/nn/test_batchnorm.py",)),
     Mutant("composite-jvp-frozen-statistics", "src/bnlab/kernels/composite.py", "dx = dx - dx.mean(dims, keepdim=True) - x_hat * (x_hat * dx).mean(dims, keepdim=True)", "dx = dx - dx.mean(dims, keepdim=True)", ("tests/test_operator.py",)),
     Mutant("functional-forward-ad-unrouted", "src/bnlab/functional.py", "return _forward_ad._current_level >= 0", "return _forward_ad._current_level > 0", ("tests/test_operator.py",)),
+    Mutant("renorm-schedule-one-step-late", "src/bnlab/nn/variants.py", "self._limits(self.num_batches_tracked + 1)", "self._limits(self.num_batches_tracked)", ("tests/nn/test_variants.py",)),
+    Mutant("ghost-counts-before-checks", "src/bnlab/nn/variants.py", "        self._check_settings()\n        momentum = self._averaging_factor()\n        n, size", "        self._check_settings()\n        self._count_batch()\n        momentum = self._averaging_factor()\n        n, size", ("tests/nn/test_variants.py",)),
     Mutant("cpp-module-eval-batch-stats", "src/bnlab/kernels/cpu/ops.cpp", "const bool batch_stats = training || !running_mean.has_value();", "const bool batch_stats = training || running_mean.has_value();", ("tests/nn/test_batchnorm.py",)),
 ]
 # fmt: on

@@ -33,6 +33,7 @@ def path(request, monkeypatch):
     if name == "function":  # as if a torch.func transform were active
         monkeypatch.setattr(functional, "_traced_or_transformed", lambda: True)
         monkeypatch.setattr(functional, "_transforms_active", lambda: True)
+        monkeypatch.setattr(functional, "_functorch_active", lambda: True)
     return name
 
 

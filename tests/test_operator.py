@@ -339,3 +339,67 @@ def test_fused_forward_mode_matches_torch(training):
     primals, directions = (x, w, b, r), (tangents[0], tw, tb, tangents[1])
     for a, b_ in zip(torch.func.jvp(ours, primals, directions), torch.func.jvp(theirs, primals, directions), strict=True):  # fmt: skip
         torch.testing.assert_close(a, b_)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_reverse_transforms_on_channels_last_match_torch(mode):
+    """jacrev, hessian and vmap(grad) of channels_last input (the composite backward used to
+    copy its result into torch's strides, which vmap cannot do)."""
+    ours, theirs = _pair(track_running_stats=False, dtype=torch.float64) if mode == "train" else _eval_pair(dtype=torch.float64)  # fmt: skip
+    x = _input((3, 6, 2, 2)).double().contiguous(memory_format=torch.channels_last)
+    _close(torch.func.jacrev(ours)(x), torch.func.jacrev(theirs)(x))
+    _close(*(torch.func.hessian(lambda inp, m=m: m(inp).pow(3).sum())(x) for m in (ours, theirs)))
+    if mode == "eval":
+        batched = x.unsqueeze(1)
+        _close(*(torch.func.vmap(torch.func.grad(lambda inp, m=m: m(inp).pow(3).sum()))(batched) for m in (ours, theirs)))  # fmt: skip
+
+
+def test_second_derivatives_in_training_are_exact():
+    """Reverse over reverse, forward over reverse (hessian) and reverse over forward, against
+    the Hessian of batch norm written in plain torch ops (the statistics' own dependence on x
+    included). (Forward over forward is not exact, for torch's BatchNorm either: README.)"""
+    gen = torch.Generator().manual_seed(7)
+    x, w = (torch.randn(4, 3, 2, 2, generator=gen, dtype=torch.float64) for _ in range(2))
+    ours = bnn.BatchNorm2d(3, track_running_stats=False, dtype=torch.float64)
+
+    def plain(inp):
+        mean = inp.mean((0, 2, 3), keepdim=True)
+        var = inp.var((0, 2, 3), keepdim=True, correction=0)
+        return (((inp - mean) / torch.sqrt(var + ours.eps)) ** 2 * w).sum()
+
+    def loss(inp):
+        return (ours(inp) ** 2 * w).sum()
+
+    truth = torch.func.jacrev(torch.func.jacrev(plain))(x)
+    for second in (torch.func.jacrev(torch.func.jacrev(loss)), torch.func.hessian(loss), torch.func.jacrev(torch.func.jacfwd(loss))):  # fmt: skip
+        torch.testing.assert_close(second(x), truth, rtol=1e-10, atol=1e-10)
+
+
+def test_a_refused_transform_leaves_the_running_statistics_alone():
+    """torch.func refuses a training step that updates captured buffers in place; like
+    torch's module, bnlab's must refuse before the operator has moved the statistics."""
+    ours, theirs = _pair()
+    x = _input() + 5
+    for module in (ours, theirs):
+        with pytest.raises(RuntimeError, match="mutate a captured Tensor"):
+            torch.func.jvp(module, (x,), (torch.ones_like(x),))
+        torch.testing.assert_close(module.running_mean, torch.zeros(6))
+        assert int(module.num_batches_tracked) == 0
+
+
+def test_forward_ad_reports_nonfinite_statistics_as_eager_code_does():
+    import torch.autograd.forward_ad as fwAD
+
+    x = _input()
+    x[0, 1, 0, 0] = float("nan")
+    for policy, error in (("raise", FloatingPointError), ("skip", None)):
+        bn = bnn.BatchNorm2d(6, nonfinite=policy)
+        with fwAD.dual_level():
+            dual = fwAD.make_dual(x, torch.ones_like(x))
+            if error:
+                with pytest.raises(error, match=r"channel\(s\) \[1\]"):
+                    bn(dual)
+                assert int(bn.num_batches_tracked) == 0
+            else:
+                with pytest.warns(RuntimeWarning, match=r"channel\(s\) \[1\]"):
+                    bn(dual)

@@ -205,10 +205,15 @@ def _forward_ad_active() -> bool:
     return _forward_ad._current_level >= 0
 
 
+def _functorch_active() -> bool:
+    """Whether a torch.func transform (grad, vmap, jvp, ...) is running this call."""
+    return torch._C._are_functorch_transforms_active()
+
+
 def _transforms_active() -> bool:
-    """Whether a torch.func transform (grad, vmap, jvp, ...) or forward-mode AD is running
-    this call: the Python Function serves it."""
-    return torch._C._are_functorch_transforms_active() or _forward_ad_active()
+    """Whether a torch.func transform or forward-mode AD is running this call: the Python
+    Function serves it."""
+    return _functorch_active() or _forward_ad_active()
 
 
 def _traced_or_transformed() -> bool:
@@ -282,7 +287,8 @@ def apply_batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Te
     if empty or not kernels.supports(input):
         # Other devices use torch's native kernel; an empty batch leaves the statistics alone.
         return _torch_native(input, running_mean, running_var, weight, bias, training, momentum, eps, residual, activation)  # fmt: skip
-    transformed = not graph and _transforms_active()
+    transformed = not graph and _functorch_active()
+    dual = not (graph or transformed) and _forward_ad_active()  # eager forward-mode AD
     # Compiled, traced or transformed code cannot read `bad` in Python: the operator reports.
     args = (input, weight, bias, residual, running_mean, running_var, bool(training),
             float(momentum), float(eps), _ACTIVATION_CODES[activation], policy, graph or transformed)  # fmt: skip
@@ -292,6 +298,8 @@ def apply_batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Te
         return kernels.OPS.batch_norm(*args)[0]  # one node for compile, export and trace
     elif transformed:
         return BatchNormFunction.apply(*args, Operators)[0]
+    elif dual:  # the Python Function (it has the jvp); `bad` is read here, as in eager code
+        out, bad = BatchNormFunction.apply(*args, Operators)[:2]
     elif not training and not _needs_graph(input, weight, bias, residual):  # the forward alone
         return kernels.OPS.batch_norm_forward(*args)[0]
     else:  # other devices with bnlab kernels (CUDA): the same autograd operator

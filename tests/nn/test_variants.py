@@ -172,3 +172,14 @@ def test_variants_compile_once_for_every_step(variant):
         assert eager.limits() == compiled_layer.limits() == (3.0, 5.0)
     torch.testing.assert_close(compiled_layer.running_var, eager.running_var)
     assert int(compiled_layer.num_batches_tracked) == int(eager.num_batches_tracked) == 7
+
+
+@pytest.mark.parametrize(("layer", "shape"), [(lambda: bnn.GhostBatchNorm1d(3, virtual_batch_size=1), (8, 3)), (lambda: bnn.GhostBatchNorm2d(3, virtual_batch_size=1), (8, 3, 1, 1))])  # fmt: skip
+def test_ghost_bn_refuses_virtual_batches_of_one_value(layer, shape):
+    """One value per channel per virtual batch would normalize everything to 0 and drive the
+    running variance to 0: refused, naming virtual_batch_size, and not counted."""
+    ghost = layer()
+    with pytest.raises(ValueError, match="virtual_batch_size: expected virtual batches of more than 1 value per channel"):  # fmt: skip
+        ghost(torch.randn(shape))
+    assert int(ghost.num_batches_tracked) == 0
+    torch.testing.assert_close(ghost.running_var, torch.ones(3))

@@ -24,7 +24,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from bnlab.kernels.layout import in_result_layout, result_strides
+from bnlab.kernels.layout import composite_strides, in_result_layout
 
 IDENTITY, RELU = 0, 1
 PROPAGATE, SKIP, RAISE = 0, 1, 2
@@ -139,7 +139,13 @@ def forward(input, weight, bias, residual, running_mean, running_var, training, 
         out = out + residual.to(acc)
     if activation == RELU:
         out = torch.relu(out)
-    return in_result_layout(out.to(input.dtype), result_strides(input)), shift, mean_d, invstd, bad
+    return (
+        in_result_layout(out.to(input.dtype), composite_strides(input)),
+        shift,
+        mean_d,
+        invstd,
+        bad,
+    )
 
 
 def backward(grad_out, input, weight, output, shift, mean_d, invstd, training, activation, output_mask, eps=None):  # fmt: skip
@@ -164,7 +170,7 @@ def backward(grad_out, input, weight, output, shift, mean_d, invstd, training, a
     sum_g = g.sum(dims)
     sum_g_xhat = (g * x_hat).sum(dims)
     none = xa.new_empty((0,))
-    strides = result_strides(input, grad_out)  # torch's, for grad_input and grad_residual
+    strides = composite_strides(input, grad_out)  # torch's, for grad_input and grad_residual
     grad_input = none
     if output_mask[0]:
         gain = invstd if weight is None else invstd * weight.to(acc)
@@ -183,13 +189,18 @@ def backward(grad_out, input, weight, output, shift, mean_d, invstd, training, a
 
 
 def forward_tangent(input, weight, output, shift, mean_d, invstd, training, activation,
-                    input_t, weight_t, bias_t, residual_t) -> Tensor:  # fmt: skip
+                    input_t, weight_t, bias_t, residual_t, eps) -> Tensor:  # fmt: skip
     """The output's forward-mode derivative (jvp) for tangents of input, weight, bias and
     residual (None: zero), from the forward's results:
     ``ẋ̂ = invstd·(ẋ − mean(ẋ) − x̂·mean(x̂·ẋ))`` in training (the batch statistics move with
-    x), ``invstd·ẋ`` in evaluation; ``ẏ = (ẋ̂·w + x̂·ẇ + ḃ + ṙ)·[output > 0 past a ReLU]``."""
+    x), ``invstd·ẋ`` in evaluation; ``ẏ = (ẋ̂·w + x̂·ẇ + ḃ + ṙ)·[output > 0 past a ReLU]``.
+    In training the statistics are recomputed from the input (with ``eps``), so that a
+    derivative of this tangent (nested forward mode) sees them move with x too."""
     acc = compute_dtype(input.dtype)
     xa = input.to(acc)
+    if training:
+        var, mean_d = torch.var_mean(xa - per_channel(shift, xa), reduce_dims(xa), correction=0)
+        invstd = torch.rsqrt(var + eps)
     x_hat = (xa - per_channel(shift, xa) - per_channel(mean_d, xa)) * per_channel(invstd, xa)
     tangent = torch.zeros_like(x_hat)
     if input_t is not None:
@@ -207,7 +218,7 @@ def forward_tangent(input, weight, output, shift, mean_d, invstd, training, acti
         tangent = tangent + residual_t.to(acc)
     if activation == RELU:
         tangent = tangent * (output > 0)
-    return in_result_layout(tangent.to(output.dtype), output.stride())
+    return in_result_layout(tangent.to(output.dtype), composite_strides(input))
 
 
 def backward_graph(grad_out, input, weight, output, shift, mean_d, invstd, training, eps, activation, output_mask):  # fmt: skip

@@ -83,7 +83,7 @@ class BatchNormFunction(torch.autograd.Function):
         output's tangent; the other results are not differentiable."""
         input, weight, out, shift, mean_d, invstd = ctx.saved_tensors
         tangent = composite.forward_tangent(input, weight, out, shift, mean_d, invstd, ctx.training,
-                                            ctx.activation, input_t, weight_t, bias_t, residual_t)  # fmt: skip
+                                            ctx.activation, input_t, weight_t, bias_t, residual_t, ctx.eps)  # fmt: skip
         return tangent, None, None, None, None
 
     @staticmethod

@@ -45,24 +45,38 @@ def result_format(input: Tensor, grad_out: Tensor | None = None) -> torch.memory
     return torch.channels_last_3d if input.dim() == 5 else torch.channels_last
 
 
-def result_strides(input: Tensor, grad_out: Tensor | None = None) -> tuple[int, ...]:
-    """The dense strides of that format for input's shape (as torch computes them: sizes of 0
-    count as 1)."""
-    format = result_format(input, grad_out)
-    sizes = [max(n, 1) for n in input.shape]
-    order = list(range(input.dim() - 1, -1, -1))  # innermost first
+def format_strides(shape, format: torch.memory_format) -> tuple[int, ...]:
+    """The dense strides of ``format`` for ``shape``, as torch computes them (sizes of 0 count
+    as 1)."""
+    sizes = [max(n, 1) for n in shape]
+    order = list(range(len(sizes) - 1, -1, -1))  # innermost first
     if format in (torch.channels_last, torch.channels_last_3d):
-        order = [1, *range(input.dim() - 1, 1, -1), 0]
-    strides, step = [0] * input.dim(), 1
+        order = [1, *range(len(sizes) - 1, 1, -1), 0]
+    strides, step = [0] * len(sizes), 1
     for d in order:
         strides[d] = step
         step *= sizes[d]
     return tuple(strides)
 
 
-def in_result_layout(t: Tensor, strides: tuple[int, ...]) -> Tensor:
-    """``t`` with ``strides``: ``t`` itself if it has them, else a copy."""
-    if t.stride() == strides:
+def result_strides(input: Tensor, grad_out: Tensor | None = None) -> tuple[int, ...]:
+    """The dense strides of :func:`result_format` for input's shape."""
+    return format_strides(input.shape, result_format(input, grad_out))
+
+
+def composite_strides(input: Tensor, grad_out: Tensor | None = None) -> tuple[int, ...] | None:
+    """:func:`result_strides` for the composite's torch ops; None under a torch.func transform,
+    whose tensors' strides are not the result's (and vmap can neither query channels_last
+    contiguity nor copy into a new tensor): the result is then left as computed."""
+    if torch._C._are_functorch_transforms_active():
+        return None
+    return result_strides(input, grad_out)
+
+
+def in_result_layout(t: Tensor, strides: tuple[int, ...] | None) -> Tensor:
+    """``t`` with ``strides``: ``t`` itself if it has them (or ``strides`` is None), else a
+    copy."""
+    if strides is None or t.stride() == strides:
         return t
     return torch.empty_strided(t.shape, strides, dtype=t.dtype, device=t.device).copy_(t)
 

@@ -50,6 +50,11 @@ class _GhostBatchNorm(_BatchNorm):
         per_sample = input[0].numel() // input.shape[1] if n else 0
         if n * per_sample < 2:
             raise ValueError(f"input: Expected more than 1 value per channel when training, got input size {input.shape}")  # fmt: skip
+        if min(size, n) * per_sample < 2:  # every virtual batch would hold one value per channel
+            raise ValueError(
+                f"virtual_batch_size: expected virtual batches of more than 1 value per channel, got "
+                f"{size} sample(s) of {per_sample} position(s) each (input size {tuple(input.shape)})"
+            )
         full, rest = divmod(n, size)
         if rest and rest * per_sample < 2 and full:
             full -= 1  # a last virtual batch of one value per channel joins the previous one
