@@ -103,3 +103,46 @@ def test_run_refuses_a_file_as_out(tmp_path):
 
 def test_report_without_runs_names_out(tmp_path):
     refused(["report", "--out", "empty"], "Invalid value for '--out': expected finished runs (bnlab run writes them) under 'empty', found none", cwd=tmp_path)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["mnist-cnn", "--data", "spirals"], "Invalid value for '--data': for experiment mnist-cnn, expected one of digits, mnist1d, mnist, cifar10 (its models take (C, L) signals or (C, H, W) images), got 'spirals' (inputs of shape (2,))"),
+        (["placement", "--data", "spirals"], "Invalid value for '--data': for experiment placement, expected one of digits, mnist1d, mnist, cifar10"),
+        (["--data", "spirals"], "Invalid value for '--data': for experiment batch-size, expected one of digits,"),
+        (["mnist-cnn", "--data", "mnist", "--data-dir", "empty"], "Invalid value for '--data-dir': expected the 4 MNIST IDX files train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte (raw or .gz) in 'empty', got an empty directory"),
+        (["mnist-cnn", "--data", "cifar10", "--data-dir", "empty"], "Invalid value for '--data-dir': expected the 6 CIFAR-10 python batches data_batch_1, data_batch_2, data_batch_3, data_batch_4, data_batch_5, test_batch in 'empty' or in its cifar-10-batches-py folder, got an empty directory"),
+        (["mnist-cnn", "--data-dir", "empty"], "Invalid value for '--data-dir': expected --data-dir only with --data mnist or --data cifar10 (the other datasets are built in), got 'empty' with no --data"),
+        (["mnist-cnn", "--data", "digits", "--data-dir", "empty"], "got 'empty' with --data digits"),
+    ],
+)  # fmt: skip
+def test_run_refuses_data_that_does_not_fit_before_creating_a_run_directory(tmp_path, args, message):  # fmt: skip
+    (tmp_path / "empty").mkdir()
+    refused(["run", *args, "--out", "out"], message, cwd=tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["empty"], "no run directory, no report"
+
+
+def test_run_names_the_missing_data_files(tmp_path):
+    (tmp_path / "mnist").mkdir()
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte", "notes.txt"):
+        (tmp_path / "mnist" / name).write_bytes(b"")
+    refused(["run", "mnist-cnn", "--data", "mnist", "--data-dir", "mnist", "--out", "out"], "in 'mnist', got a directory without t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte (it holds notes.txt, train-images-idx3-ubyte.gz, train-labels-idx1-ubyte)", cwd=tmp_path)  # fmt: skip
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("where", ["directory", "under a file", "/proc"])
+def test_train_checks_out_while_parsing(tmp_path, where):
+    (tmp_path / "somedir").mkdir()
+    (tmp_path / "afile").write_text("")
+    if where == "directory":
+        args, message = ["--out", "somedir"], "Invalid value for '--out': expected a file path, got the directory 'somedir'"  # fmt: skip
+    elif where == "under a file":
+        args, message = ["--out", "afile/x.json"], "Invalid value for '--out': expected a file path in a folder that exists or can be created, got 'afile/x.json' ("  # fmt: skip
+    else:
+        if not os.path.isdir("/proc") or os.path.exists("/proc/nonexistent"):
+            pytest.skip("needs Linux's /proc")
+        args, message = ["--out", "/proc/nonexistent/x.json"], "Invalid value for '--out': expected a file path in a folder that exists or can be created, got '/proc/nonexistent/x.json' (cannot create a folder in '/proc'"  # fmt: skip
+    refused(["train", "--steps", "1", *args], message, cwd=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "somedir"], "nothing written"
+    assert list((tmp_path / "somedir").iterdir()) == []

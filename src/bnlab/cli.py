@@ -65,6 +65,39 @@ def _directory_or_new(value: str | Path | None):
     """A directory to write into: existing, or not there yet (then it is created)."""
     if value is not None and Path(value).exists() and not Path(value).is_dir():
         raise typer.BadParameter(f"expected a directory, got the file {str(value)!r}")
+    problem = None if value is None else _cannot_create(Path(value))
+    if problem is not None:
+        raise typer.BadParameter(f"expected a directory that exists or can be created, got {str(value)!r} ({problem})")  # fmt: skip
+    return value
+
+
+def _cannot_create(path: Path) -> str | None:
+    """Why ``path`` (a folder, existing or not) cannot be written into; None if it can.
+    Probed by creating and removing a temporary folder in its nearest existing ancestor, so
+    nothing is left behind (permission bits alone say nothing for root or on /proc)."""
+    import tempfile
+
+    ancestor = path.expanduser().absolute()
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        return f"{str(ancestor)!r} is a file"
+    try:
+        Path(tempfile.mkdtemp(prefix=".bnlab-probe-", dir=ancestor)).rmdir()
+    except OSError as error:
+        return f"cannot create a folder in {str(ancestor)!r}: {error.strerror}"
+    return None
+
+
+def _new_file(value: Path | None) -> Path | None:
+    """A file to write: not a directory, in a folder that exists or can be created."""
+    if value is None:
+        return value
+    if Path(value).expanduser().is_dir():
+        raise typer.BadParameter(f"expected a file path, got the directory {str(value)!r}")
+    problem = _cannot_create(Path(value).expanduser().parent)
+    if problem is not None:
+        raise typer.BadParameter(f"expected a file path in a folder that exists or can be created, got {str(value)!r} ({problem})")  # fmt: skip
     return value
 
 
@@ -177,7 +210,9 @@ def run(
         help="Dataset: digits, mnist1d, spirals, mnist, cifar10 (the last two need --data-dir).",
     ),
     data_dir: str = typer.Option(
-        None, callback=_existing_directory, help="Directory with the real MNIST/CIFAR-10 files."
+        None,
+        callback=_existing_directory,
+        help="Directory with the real MNIST/CIFAR-10 files (only with --data mnist or cifar10).",
     ),
     impl: str = typer.Option(
         "bnlab",
@@ -199,6 +234,7 @@ def run(
     progress = sys.stderr.isatty() if progress is None else progress
     from bnlab.lab.data import REAL
     from bnlab.lab.experiments import REGISTRY
+    from bnlab.lab.experiments.base import ConfigError
     from bnlab.lab.report import build_report
     from bnlab.lab.runner import latest_runs, run_experiment
 
@@ -208,11 +244,19 @@ def run(
         raise typer.BadParameter(f"unknown experiment(s) {unknown}; expected names from {sorted(REGISTRY)}", param_hint="NAMES")  # fmt: skip
     if data in REAL and data_dir is None:
         raise typer.BadParameter(f"expected the directory of your {data} files with --data {data}, got none", param_hint="'--data-dir'")  # fmt: skip
+    if data not in REAL and data_dir is not None:  # the embedded datasets read no files
+        raise typer.BadParameter(f"expected --data-dir only with --data {' or --data '.join(REAL)} (the other datasets are built in), got {data_dir!r} with {'no --data' if data is None else f'--data {data}'}", param_hint="'--data-dir'")  # fmt: skip
     overrides = {"seed": seed, "impl": impl}
     if data is not None:
         overrides["data"] = data
     if data_dir is not None:
         overrides["data_dir"] = data_dir
+    for name in selected:  # the data must fit every experiment, its files be there: before any run
+        try:
+            REGISTRY[name].make_config(quick=not full, **overrides).check()
+        except ConfigError as error:
+            message = f"for experiment {name}, {error.message}" if error.field == "data" else error.message  # fmt: skip
+            raise typer.BadParameter(message, param_hint=f"'{error.option}'") from None
     try:
         for name in selected:
             run_experiment(name, quick=not full, root=out, progress=progress, echo=console.print, **overrides)  # fmt: skip
@@ -477,7 +521,7 @@ def train_command(
         "float32", callback=_one_of(("float32", "float64")), help="float32 or float64."
     ),
     out: Path = typer.Option(
-        Path("runs/train/loss.json"), help="Where rank 0 writes the loss curve."
+        Path("runs/train/loss.json"), callback=_new_file, help="Where rank 0 writes the loss curve."
     ),
     backend: str = typer.Option(
         "auto",

@@ -6,7 +6,7 @@ import pickle
 import numpy as np
 import pytest
 
-from bnlab.lab.data import load_dataset
+from bnlab.lab.data import EMBEDDED, INPUT_SHAPES, files_problem, load_dataset
 from bnlab.lab.formats import DataFormatError, read_cifar_batch, read_idx
 
 
@@ -181,3 +181,23 @@ def test_cifar10_runs_the_small_resnet(tmp_path):
     _, saved = load_run(run_dir)
     assert saved["metrics"]["arch"] == "resnet" and saved["metrics"]["dataset"] == "cifar10"
     assert saved["data"][0].startswith("cifar10:"), "the run says which data it used"
+
+
+def test_input_shapes_are_known_without_loading():
+    for name in EMBEDDED:
+        assert INPUT_SHAPES[name] == load_dataset(name).input_shape
+
+
+def test_files_problem_checks_the_files_without_reading_them(tmp_path):
+    assert files_problem("mnist", tmp_path).endswith("got an empty directory")
+    _write_mnist(tmp_path, gz=True)
+    assert files_problem("mnist", tmp_path) is None
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").rename(tmp_path / "t10k-labels.idx1-ubyte")
+    assert files_problem("mnist", tmp_path) is None, "the '.idx' spelling is accepted"
+    (tmp_path / "t10k-labels.idx1-ubyte").unlink()
+    assert "got a directory without t10k-labels-idx1-ubyte (it holds t10k-images" in files_problem("mnist", tmp_path)  # fmt: skip
+    root = tmp_path / "cifar" / "cifar-10-batches-py"
+    root.mkdir(parents=True)
+    assert "got an empty directory" in files_problem("cifar10", tmp_path / "cifar")
+    _write_cifar(root)
+    assert files_problem("cifar10", tmp_path / "cifar") is None

@@ -221,6 +221,24 @@ def test_runner_checks_the_config_before_creating_anything(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_runner_refuses_data_the_models_cannot_take_or_missing_files(tmp_path):
+    from bnlab.lab.experiments.base import ConfigError
+
+    cases = (("mnist-cnn", {"data": "spirals"}, "data: expected one of digits, mnist1d, mnist, cifar10 (its models take (C, L) signals or (C, H, W) images), got 'spirals' (inputs of shape (2,))"),
+             ("placement", {"data": "spirals"}, "data: expected one of digits, mnist1d, mnist, cifar10"),
+             ("batch-size", {"data": "spirals"}, "data: expected one of digits, mnist1d, mnist, cifar10"),
+             ("mnist-cnn", {"data": "mnist1d", "arch": "resnet"}, "data: expected one of digits, mnist, cifar10 (its models take (C, H, W) images (arch 'resnet')), got 'mnist1d'"),
+             ("mnist-cnn", {"arch": "vgg"}, "arch: expected 'auto', 'cnn' or 'resnet', got 'vgg'"),
+             ("mnist-cnn", {"data": "mnist", "data_dir": str(tmp_path)}, "data_dir: expected the 4 MNIST IDX files"))  # fmt: skip
+    for name, bad, message in cases:
+        with pytest.raises(ConfigError) as caught:
+            run_experiment(name, root=tmp_path / "runs", progress=False, echo=None, **bad)
+        assert str(caught.value).startswith(message)
+    assert list(tmp_path.iterdir()) == []
+    for name in ("convergence", "lr-sweep"):  # MLPs flatten any input: spirals is fine
+        REGISTRY[name].make_config(data="spirals").check()
+
+
 def test_noisy_shift_is_off_in_eval():
     layer = loss_landscape.NoisyShift(0.5)
     x = torch.randn(4, 3)

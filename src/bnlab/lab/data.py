@@ -23,6 +23,13 @@ from bnlab.lab.formats import DataFormatError, find_file, read_cifar_batch, read
 EMBEDDED = ("digits", "mnist1d", "spirals")
 REAL = ("mnist", "cifar10")
 SPLIT_SEED = 0
+# Each dataset's input shape, known without loading it: (C, H, W) images, (C, L) signals,
+# or (features,) vectors. An experiment checks it fits its models before it runs.
+INPUT_SHAPES = {"digits": (1, 8, 8), "mnist1d": (1, 40), "spirals": (2,), "mnist": (1, 28, 28), "cifar10": (3, 32, 32)}  # fmt: skip
+# The files of the real datasets, each found raw or with .gz: {what: candidate names}.
+MNIST_FILES = {f"MNIST {part} {kind}": [f"{part}-{kind}-idx{rank}-ubyte", f"{part}-{kind}.idx{rank}-ubyte"] for part in ("train", "t10k") for kind, rank in (("images", 3), ("labels", 1))}  # fmt: skip
+CIFAR10_FILES = {**{f"CIFAR-10 training batch {i}": [f"data_batch_{i}"] for i in range(1, 6)}, "CIFAR-10 test batch": ["test_batch"]}  # fmt: skip
+CIFAR10_FOLDER = "cifar-10-batches-py"
 
 
 @dataclass(frozen=True)
@@ -130,22 +137,11 @@ def _spirals(num_samples: int = 1500, num_classes: int = 3) -> Dataset:
 
 
 def _mnist(data_dir: Path) -> Dataset:
-    images = [
-        read_idx(
-            find_file(
-                data_dir, [f"{p}-images-idx3-ubyte", f"{p}-images.idx3-ubyte"], f"MNIST {p} images"
-            )
-        )
-        for p in ("train", "t10k")
-    ]
-    labels = [
-        read_idx(
-            find_file(
-                data_dir, [f"{p}-labels-idx1-ubyte", f"{p}-labels.idx1-ubyte"], f"MNIST {p} labels"
-            )
-        )
-        for p in ("train", "t10k")
-    ]
+    def read(what: str) -> np.ndarray:
+        return read_idx(find_file(data_dir, MNIST_FILES[what], what))
+
+    images = [read(f"MNIST {p} images") for p in ("train", "t10k")]
+    labels = [read(f"MNIST {p} labels") for p in ("train", "t10k")]
     for image, label, part in zip(images, labels, ("train", "t10k"), strict=True):
         if image.ndim != 3 or label.ndim != 1 or len(image) != len(label):
             raise DataFormatError(
@@ -158,21 +154,44 @@ def _mnist(data_dir: Path) -> Dataset:
     return _finish("mnist", (*split, test_x, labels[1]), 10)
 
 
+def _cifar10_root(data_dir: Path) -> Path:
+    """``data_dir``, or its cifar-10-batches-py folder (as the archive unpacks) if it has one."""
+    return data_dir / CIFAR10_FOLDER if (data_dir / CIFAR10_FOLDER).is_dir() else data_dir
+
+
 def _cifar10(data_dir: Path) -> Dataset:
-    root = (
-        data_dir / "cifar-10-batches-py"
-        if (data_dir / "cifar-10-batches-py").is_dir()
-        else data_dir
-    )
-    train = [
-        read_cifar_batch(find_file(root, [f"data_batch_{i}"], "CIFAR-10 training batch"))
-        for i in range(1, 6)
-    ]
-    test_x, test_y = read_cifar_batch(find_file(root, ["test_batch"], "CIFAR-10 test batch"))
+    root = _cifar10_root(data_dir)
+    batches = [read_cifar_batch(find_file(root, names, what)) for what, names in CIFAR10_FILES.items()]  # fmt: skip
+    train, (test_x, test_y) = batches[:-1], batches[-1]
     x = np.concatenate([b[0] for b in train]).astype(np.float64) / 255.0
     y = np.concatenate([b[1] for b in train])
     split = _holdout(x, y, max(1, len(y) // 10))  # 5,000 of CIFAR-10's 50,000
     return _finish("cifar10", (*split, test_x / 255.0, test_y), 10)
+
+
+def files_problem(name: str, data_dir: str | Path) -> str | None:
+    """None if ``data_dir`` holds every file the real dataset ``name`` needs (without reading
+    them); else what was expected and what was found, for a message before any work."""
+    directory = Path(data_dir).expanduser()
+    if name == "mnist":
+        where, files = directory, MNIST_FILES
+        expected = f"the 4 MNIST IDX files {', '.join(c[0] for c in files.values())} (raw or .gz) in {str(data_dir)!r}"  # fmt: skip
+    else:
+        where, files = _cifar10_root(directory), CIFAR10_FILES
+        expected = f"the 6 CIFAR-10 python batches {', '.join(c[0] for c in files.values())} in {str(data_dir)!r} or in its {CIFAR10_FOLDER} folder"  # fmt: skip
+    missing = []
+    for what, candidates in files.items():
+        try:
+            find_file(where, candidates, what)
+        except DataFormatError:
+            missing.append(candidates[0])
+    if not missing:
+        return None
+    entries = sorted(p.name for p in where.iterdir()) if where.is_dir() else []
+    if not entries:
+        return f"expected {expected}, got an empty directory"
+    shown = ", ".join(entries[:6]) + (f", ... ({len(entries)} entries)" if len(entries) > 6 else "")  # fmt: skip
+    return f"expected {expected}, got a directory without {', '.join(missing)} (it holds {shown})"  # fmt: skip
 
 
 def load_dataset(

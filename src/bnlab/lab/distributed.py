@@ -41,6 +41,7 @@ from torch import nn
 
 from bnlab.files import atomic_write_json
 from bnlab.lab.data import EMBEDDED, load_dataset
+from bnlab.lab.errors import ConfigError
 from bnlab.lab.models import mlp
 from bnlab.nn import convert_sync_batchnorm
 
@@ -67,19 +68,6 @@ BACKENDS = ("auto", "gloo", "nccl")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "float64")
 DATASETS = EMBEDDED  # the embedded datasets (no --data-dir here)
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work: ``field`` names it (its option is ``--field-name``),
-    ``message`` says what was expected and what was given."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field, self.message = field, message
-
-    @property
-    def option(self) -> str:
-        return "--" + self.field.replace("_", "-")
 
 
 def validate(config: DistributedConfig, world: int = 1) -> None:

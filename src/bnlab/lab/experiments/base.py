@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bnlab.lab.errors import ConfigError
 from bnlab.lab.stats import label as verdict_label
 
 REGISTRY: dict[str, Experiment] = {}
@@ -44,21 +45,38 @@ class ExperimentConfig:
     num_seeds: int = 5
     impl: str = "bnlab"
 
+    def input_ranks(self) -> tuple[tuple[int, ...], str] | None:
+        """The ranks of input shape the experiment's models take (2: (C, L), 3: (C, H, W)),
+        and them in words; None where any input works (the models flatten it)."""
+        return None
+
     def check(self) -> None:
         """Refuse a data source, implementation or seed count the run cannot use (a
-        ``ValueError`` naming the field); the runner calls it before it writes anything."""
-        from bnlab.lab.data import EMBEDDED, REAL
+        :class:`ConfigError` naming the field); the runner calls it before it writes anything.
+        A dataset must fit the experiment's models, and a real one's files must be there."""
+        from bnlab.lab.data import EMBEDDED, INPUT_SHAPES, REAL, files_problem
 
         if self.data not in EMBEDDED + REAL:
-            raise ValueError(f"data: expected one of {', '.join(EMBEDDED + REAL)}, got {self.data!r}")  # fmt: skip
-        if self.data in REAL and (self.data_dir is None or not Path(self.data_dir).expanduser().is_dir()):  # fmt: skip
-            raise ValueError(f"data_dir: dataset {self.data!r} is read from your files: expected a directory, got {self.data_dir!r}")  # fmt: skip
+            raise ConfigError("data", f"expected one of {', '.join(EMBEDDED + REAL)}, got {self.data!r}")  # fmt: skip
+        needs = self.input_ranks()
+        if needs is not None and len(INPUT_SHAPES[self.data]) not in needs[0]:
+            fitting = [name for name, shape in INPUT_SHAPES.items() if len(shape) in needs[0]]
+            raise ConfigError("data", f"expected one of {', '.join(fitting)} (its models take {needs[1]}), got {self.data!r} (inputs of shape {INPUT_SHAPES[self.data]})")  # fmt: skip
+        if self.data in REAL:
+            if self.data_dir is None or not Path(self.data_dir).expanduser().is_dir():
+                raise ConfigError("data_dir", f"dataset {self.data!r} is read from your files: expected a directory, got {self.data_dir!r}")  # fmt: skip
+            problem = files_problem(self.data, self.data_dir)
+            if problem is not None:
+                raise ConfigError("data_dir", problem)
         if self.impl not in IMPLS:
-            raise ValueError(f"impl: expected one of {', '.join(IMPLS)}, got {self.impl!r}")
+            raise ConfigError("impl", f"expected one of {', '.join(IMPLS)}, got {self.impl!r}")
         if self.seed < 0:
-            raise ValueError(f"seed: expected an integer >= 0, got {self.seed}")
+            raise ConfigError("seed", f"expected an integer >= 0, got {self.seed}")
         if self.num_seeds < 1:
-            raise ValueError(f"num_seeds: expected a positive integer, got {self.num_seeds}")
+            raise ConfigError("num_seeds", f"expected a positive integer, got {self.num_seeds}")
+
+
+CNN_INPUTS = ((2, 3), "(C, L) signals or (C, H, W) images")  # what lab.models.cnn takes
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from bnlab.lab import stats
 from bnlab.lab.experiments.base import (
+    CNN_INPUTS,
     Context,
     ExperimentConfig,
     Finding,
@@ -46,6 +47,9 @@ class BatchSizeConfig(ExperimentConfig):
     bn_momentum: float = 0.1
     virtual_batch_size: int = 8
     max_train: int | None = 1000
+
+    def input_ranks(self) -> tuple[tuple[int, ...], str]:
+        return CNN_INPUTS
 
 
 def _norm_options(norm: str, config: BatchSizeConfig, total_steps: int) -> dict | None:

@@ -13,6 +13,8 @@ import torch
 
 from bnlab.lab import stats
 from bnlab.lab.experiments.base import (
+    CNN_INPUTS,
+    ConfigError,
     Context,
     ExperimentConfig,
     Finding,
@@ -48,6 +50,14 @@ class MnistCnnConfig(ExperimentConfig):
     arch: str = "auto"  # 'cnn', 'resnet', or 'auto' (a small ResNet on CIFAR-10, else the CNN)
     lr_grid: tuple[float, ...] = (0.005, 0.02, 0.05)
     tuning_epochs: int = 5
+
+    def input_ranks(self) -> tuple[tuple[int, ...], str]:
+        return ((3,), "(C, H, W) images (arch 'resnet')") if self.arch == "resnet" else CNN_INPUTS
+
+    def check(self) -> None:
+        super().check()
+        if self.arch not in ("auto", "cnn", "resnet"):
+            raise ConfigError("arch", f"expected 'auto', 'cnn' or 'resnet', got {self.arch!r}")
 
 
 def architecture(config: MnistCnnConfig, data) -> str:

@@ -12,6 +12,7 @@ import torch
 
 from bnlab.lab import stats
 from bnlab.lab.experiments.base import (
+    CNN_INPUTS,
     Context,
     ExperimentConfig,
     Finding,
@@ -39,6 +40,9 @@ class PlacementConfig(ExperimentConfig):
     batch_size: int = 64
     lr_grid: tuple[float, ...] = (0.01, 0.03, 0.1)
     tuning_steps: int = 750
+
+    def input_ranks(self) -> tuple[tuple[int, ...], str]:
+        return CNN_INPUTS
 
 
 def _model(arm: str, data, config: PlacementConfig):
