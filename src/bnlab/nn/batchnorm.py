@@ -244,7 +244,7 @@ class _BatchNorm(_NormBase):
                 "input: Expected more than 1 value per channel when training, "
                 f"got input size {input.shape}"
             )
-        if self.training and self.num_batches_tracked is not None and F._functorch_active():
+        if not torch.compiler.is_compiling() and self.training and self.num_batches_tracked is not None and F._functorch_active():  # fmt: skip
             # torch.func refuses to mutate a buffer the function captured: let it refuse here,
             # before the operator updates the running statistics (torch's module counts first)
             self.num_batches_tracked.add_(0)
