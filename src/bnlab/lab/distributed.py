@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import math
 import os
 import tempfile
@@ -70,13 +71,20 @@ DTYPES = ("float32", "float64")
 DATASETS = EMBEDDED  # the embedded datasets (no --data-dir here)
 
 
-def validate(config: DistributedConfig, world: int = 1) -> None:
+@functools.cache
+def _train_examples(name: str) -> int:
+    """The size of an embedded dataset's training split (loaded once per process)."""
+    return len(load_dataset(name).y_train)
+
+
+def validate(config: DistributedConfig, world: int = 1, examples: int | None = None) -> None:
     """Refuse a config that cannot train on ``world`` ranks, before any process starts.
 
     Raises :class:`ConfigError` naming the field: a name outside its choices, a count that is
     not positive, a learning rate or timeout that is not a positive finite number, a global
     batch under 2 (BatchNorm needs more than one value per channel), not a multiple of the
-    ranks, or larger than the training split (the dataset is loaded, once per process).
+    ranks, or larger than the training split (``examples``; if not given, the dataset is
+    loaded to count them, once per process).
     """
     for field, choices in (("data", DATASETS), ("dtype", DTYPES), ("backend", BACKENDS), ("device", DEVICES)):  # fmt: skip
         value = getattr(config, field)
@@ -92,7 +100,7 @@ def validate(config: DistributedConfig, world: int = 1) -> None:
             raise ConfigError(field, f"expected a positive finite number, got {value!r}")
     if config.global_batch % world:
         raise ConfigError("global_batch", f"expected a multiple of the {world} ranks, got {config.global_batch}")  # fmt: skip
-    examples = len(load_dataset(config.data).y_train)
+    examples = _train_examples(config.data) if examples is None else examples
     if config.global_batch > examples:
         raise ConfigError("global_batch", f"expected at most the {examples} training examples of {config.data}, got {config.global_batch}")  # fmt: skip
 
@@ -147,9 +155,9 @@ def train_steps(
 ) -> list[float]:
     """Train on ``device`` (default CPU); returns the global mean loss of every step (the same
     on every rank)."""
-    validate(config, world)
+    data = load_dataset(config.data) if config.data in DATASETS else None
+    validate(config, world, None if data is None else len(data.y_train))
     dtype = getattr(torch, config.dtype)
-    data = load_dataset(config.data)
     device = torch.device("cpu") if device is None else device
     x_all = torch.from_numpy(data.x_train).to(device, dtype)
     y_all = torch.from_numpy(data.y_train).to(device)
@@ -320,7 +328,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point for ``torchrun -m bnlab.lab.distributed``."""
     options = parser()
     config = DistributedConfig(**vars(options.parse_args(argv)))
-    _, world, local_rank, local_world = _environment()
+    rank, world, local_rank, local_world = _environment()
     try:  # refuse what cannot work with the option's name, before the process group starts
         validate(config, world)
         choose_backend_and_device(config.backend, config.device, local_rank=local_rank, local_world=local_world, cuda_devices=cuda_devices())  # fmt: skip
@@ -329,7 +337,7 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as error:
         options.error(str(error))
     losses = run_rank(config)
-    if int(os.environ.get("RANK", 0)) == 0:
+    if rank == 0:
         print(f"final loss {losses[-1]:.4f} after {len(losses)} steps")
 
 
