@@ -217,8 +217,8 @@ def _transforms_active() -> bool:
 
 
 def _traced_or_transformed() -> bool:
-    """Whether this call is compiled, traced or under a torch.func transform: not the eager
-    fast path (written with torch's C predicates: it runs before every call)."""
+    """Whether this call is compiled, traced, under a torch.func transform or in forward-mode
+    AD: not the eager fast path (cheap predicates: it runs before every call)."""
     return (
         torch.compiler.is_compiling()
         or torch._C._get_tracing_state() is not None

@@ -148,6 +148,16 @@ def forward(input, weight, bias, residual, running_mean, running_var, training, 
     )
 
 
+def _normalized(xa: Tensor, shift: Tensor, mean_d: Tensor, invstd: Tensor, eps: float | None) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """``(x̂, invstd)``: ``x̂ = (x − shift − mean_d)·invstd`` with the given statistics, or, with
+    ``eps``, with the batch statistics recomputed from ``xa`` (in the graph, so that a
+    derivative of what is built on x̂ sees them move with x)."""
+    if eps is not None:
+        var, mean_d = torch.var_mean(xa - per_channel(shift, xa), reduce_dims(xa), correction=0)
+        invstd = torch.rsqrt(var + eps)
+    return (xa - per_channel(shift, xa) - per_channel(mean_d, xa)) * per_channel(invstd, xa), invstd
+
+
 def backward(grad_out, input, weight, output, shift, mean_d, invstd, training, activation, output_mask, eps=None):  # fmt: skip
     """``(grad_input, grad_weight, grad_bias, grad_residual)`` in differentiable torch ops.
 
@@ -160,13 +170,10 @@ def backward(grad_out, input, weight, output, shift, mean_d, invstd, training, a
     acc = compute_dtype(input.dtype)
     xa = input.to(acc)
     dims = reduce_dims(xa)
-    if training and eps is not None:
-        var, mean_d = torch.var_mean(xa - per_channel(shift, xa), dims, correction=0)
-        invstd = torch.rsqrt(var + eps)
+    x_hat, invstd = _normalized(xa, shift, mean_d, invstd, eps if training else None)
     g = grad_out.to(acc)
     if activation == RELU:
         g = g * (output > 0)
-    x_hat = (xa - per_channel(shift, xa) - per_channel(mean_d, xa)) * per_channel(invstd, xa)
     sum_g = g.sum(dims)
     sum_g_xhat = (g * x_hat).sum(dims)
     none = xa.new_empty((0,))
@@ -198,10 +205,7 @@ def forward_tangent(input, weight, output, shift, mean_d, invstd, training, acti
     derivative of this tangent (nested forward mode) sees them move with x too."""
     acc = compute_dtype(input.dtype)
     xa = input.to(acc)
-    if training:
-        var, mean_d = torch.var_mean(xa - per_channel(shift, xa), reduce_dims(xa), correction=0)
-        invstd = torch.rsqrt(var + eps)
-    x_hat = (xa - per_channel(shift, xa) - per_channel(mean_d, xa)) * per_channel(invstd, xa)
+    x_hat, invstd = _normalized(xa, shift, mean_d, invstd, eps if training else None)
     tangent = torch.zeros_like(x_hat)
     if input_t is not None:
         dx = input_t.to(acc)

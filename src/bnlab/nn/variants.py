@@ -47,7 +47,7 @@ class _GhostBatchNorm(_BatchNorm):
         self._check_settings()
         momentum = self._averaging_factor()
         n, size = input.shape[0], self.virtual_batch_size
-        per_sample = input[0].numel() // input.shape[1] if n else 0
+        per_sample = input[0].numel() // input.shape[1]  # (n >= 1: an empty batch left above)
         if n * per_sample < 2:
             raise ValueError(f"input: Expected more than 1 value per channel when training, got input size {input.shape}")  # fmt: skip
         if min(size, n) * per_sample < 2:  # every virtual batch would hold one value per channel
